@@ -1,0 +1,172 @@
+"""The `vexport` command: a thin layer over the Python API. Bad input: one line on stderr, exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vexport.errors import VexportError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Export RLHF value models to fast formats and prove their values did not change.")
+out = Console()
+err = Console(stderr=True)
+
+
+class Format(str, Enum):
+    onnx = "onnx"
+
+
+class Dtype(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+
+
+def _command(fn):
+    """Run FN; a VexportError becomes 'error: ...' on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except VexportError as exc:
+            err.print(f"[bold red]error:[/] {' '.join(str(exc).split())}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted: nothing was left behind")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what the library does.")] = False):
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=err, show_path=False)])
+
+
+@app.command()
+@_command
+def export(
+    model: Annotated[str, typer.Argument(help="Value model: a local folder or a hub id.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Artifact folder to write.")],
+    format: Annotated[Format, typer.Option("--format", "-f")] = Format.onnx,
+    dtype: Annotated[Dtype, typer.Option("--dtype")] = Dtype.float32,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle (.bin) weights.")] = False,
+):
+    """Export MODEL to an artifact folder (graph + weights + config + tokenizer + manifest.json)."""
+    from vexport.export.onnx import export_onnx
+
+    path = export_onnx(model, output, dtype.value, force=force, allow_pickle=allow_pickle, progress=True)
+    out.print(f"wrote {path}")
+
+
+@app.command()
+@_command
+def check(
+    artifact: Annotated[str, typer.Argument(help="Artifact folder (or any model vexport.load takes).")],
+    reference: Annotated[str, typer.Option("--reference", "-r", help="The original value model.")],
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="JSONL prompt groups.")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Write a report: .json or .md")] = None,
+    threshold: Annotated[Optional[list[str]], typer.Option("--threshold", help="Override, e.g. min_sqnr_db=50")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda if present)")] = None,
+    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Tokens per batch.")] = 4096,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle")] = False,
+):
+    """Compare ARTIFACT with the reference on real tokens. Exit 0: pass, 1: fail, 2: bad input."""
+    from vexport.check import check as run_check
+
+    outcome = run_check(artifact, reference, prompts=prompts, thresholds=_overrides(threshold), device=device,
+                        batch_tokens=batch_tokens, report=report, allow_pickle=allow_pickle, progress=True)
+    _print_check(outcome)
+    raise typer.Exit(0 if outcome.result.passed else 1)
+
+
+@app.command()
+@_command
+def info(artifact: Annotated[Path, typer.Argument(help="Artifact folder.")]):
+    """Show what an artifact's manifest.json says."""
+    from vexport.manifest import read_manifest
+
+    manifest = read_manifest(artifact)
+    table = Table(title=f"{artifact}", show_header=False)
+    for key, value in _info_rows(manifest):
+        table.add_row(key, value)
+    out.print(table)
+
+
+def _info_rows(m) -> list[tuple[str, str]]:
+    model = m.model
+    rows = [("format", m.format), ("precision", m.precision), ("source", str(m.source.get("model"))),
+            ("architecture", str(m.source.get("architecture"))),
+            ("shape", f"{model.get('num_hidden_layers')} layers, hidden {model.get('hidden_size')}, "
+                      f"{model.get('num_attention_heads')} heads / {model.get('num_key_value_heads')} kv"),
+            ("inputs", ", ".join(f"{i['name']} {i['dtype']} {i['shape']}" for i in m.inputs)),
+            ("outputs", ", ".join(f"{o['name']} {o['dtype']} {o['shape']}" for o in m.outputs)),
+            ("size", f"{sum(f['size'] for f in m.files.values()) / 1e6:.1f} MB in {len(m.files)} files")]
+    rows += [(k, str(v)) for k, v in m.format_options.items() if k != "operator_counts"]
+    rows.append(("parity", _parity_line(m.parity)))
+    rows += [("created", m.created), ("versions", ", ".join(f"{k} {v}" for k, v in m.versions.items()))]
+    return rows
+
+
+def _parity_line(parity: dict | None) -> str:
+    if not parity:
+        return "not checked (run vexport check)"
+    verdict = "PASS" if parity.get("passed") else "FAIL"
+    figures = ", ".join(f"{k} {v}" for k, v in parity.items() if k not in ("passed", "reference", "checked", "evalset"))
+    return f"{verdict}: {figures}"
+
+
+def _overrides(items: list[str] | None) -> dict[str, float] | None:
+    if not items:
+        return None
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            overrides[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise VexportError(f"--threshold {item!r} is not KEY=NUMBER (e.g. min_sqnr_db=50)")
+    return overrides
+
+
+def _print_check(outcome) -> None:
+    result, doc = outcome.result, outcome.report
+    ref = doc["reference"]
+    table = Table(title=f"{doc['artifact']['format']} {doc['artifact']['precision']} vs reference "
+                        f"({ref['backend']} {ref['dtype']} on {ref['device']})")
+    for column in ("metric", "value", "threshold", "status"):
+        table.add_column(column)
+    for c in doc["parity"].get("checks", []):
+        table.add_row(str(c.get("metric")), _fmt(c.get("value")), f"{c.get('op', '')} {_fmt(c.get('threshold'))}",
+                      str(c.get("status", "")).upper())
+    out.print(table)
+    out.print(f"{doc['evalset']['sequences']} sequences, {doc['evalset']['tokens']} tokens "
+              f"({doc['evalset']['name']} evaluation set)")
+    for failure in result.failures:
+        out.print(f"[red]fail:[/] {failure}")
+    out.print("[bold green]PASS[/]" if result.passed else "[bold red]FAIL[/]")
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else str(value)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

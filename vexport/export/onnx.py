@@ -1,0 +1,108 @@
+"""ONNX export: graph from the config, weights streamed tensor by tensor into external data.
+
+Host memory stays near the largest single tensor (plus its transposed copy), not the whole model: each
+tensor is read from its safetensors shard, cast, transposed if it is a Linear weight, appended to
+``model.onnx.data`` and freed before the next one is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+import torch
+from onnx import TensorProto
+
+from vexport.artifact import check_output, staging_dir
+from vexport.errors import VexportError
+from vexport.export.common import copy_support_files, model_summary, source_summary, write_manifest
+from vexport.export.onnx_graph import INPUT_NAMES, OPSET, OUTPUT_NAME, WeightSpec, build_graph
+from vexport.model import ModelSource, open_model
+from vexport.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+GRAPH_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+_ALIGN = 4096  # page-aligned tensors, so ONNX Runtime can memory-map the external data
+_TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16}
+_ONNX_DTYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+
+
+def export_onnx(model: str | os.PathLike, output: str | os.PathLike, dtype: str = "float32", *,
+                force: bool = False, allow_pickle: bool = False, progress: bool = False) -> Path:
+    """Export a value model to OUTPUT/model.onnx (+ external data, config, tokenizer, manifest.json)."""
+    if dtype not in _TORCH_DTYPE:
+        raise VexportError(f"--dtype {dtype} is not supported for onnx (choose float32 or float16)")
+    output = Path(output)
+    check_output(output, force)
+    source = open_model(model, allow_pickle=allow_pickle)
+    graph, weights = build_graph(source.config, dtype, source.score_has_bias)
+    with staging_dir(output, force) as tmp:
+        _write_weights(graph, weights, _tensor_reader(source), tmp / DATA_FILE, dtype, progress)
+        onnx.save_model(graph, tmp / GRAPH_FILE)
+        onnx.checker.check_model(str(tmp / GRAPH_FILE))
+        copy_support_files(source.path, tmp)
+        write_manifest(tmp, "onnx", dtype, source, _io_spec(), _format_options(graph), progress)
+    log.info("wrote %s", output)
+    return output
+
+
+def _io_spec() -> tuple[list[dict], list[dict]]:
+    inputs = [{"name": n, "dtype": "int64", "shape": ["batch", "sequence"]} for n in INPUT_NAMES]
+    outputs = [{"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", "sequence", 1]}]
+    return inputs, outputs
+
+
+def _format_options(graph: onnx.ModelProto) -> dict:
+    ops: dict[str, int] = {}
+    for node in graph.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return {"graph": GRAPH_FILE, "external_data": DATA_FILE, "opset": OPSET, "optimized": False,
+            "operator_counts": dict(sorted(ops.items()))}
+
+
+def _tensor_reader(source: ModelSource) -> Callable[[str], torch.Tensor]:
+    if not source.pickle:
+        return source.read_tensor
+    state = source.load_torch().state_dict()  # pickle weights (allowed explicitly): one copy in memory
+    return state.__getitem__
+
+
+def _write_weights(graph: onnx.ModelProto, weights: list[WeightSpec], read: Callable[[str], torch.Tensor],
+                   data_file: Path, dtype: str, progress: bool) -> None:
+    offset = 0
+    with open(data_file, "wb") as fh, progress_bar("writing ONNX weights", len(weights), progress) as advance:
+        for spec in weights:
+            array = _prepare(read(spec.source), spec, dtype)
+            offset = _align(fh, offset)
+            fh.write(memoryview(array).cast("B"))
+            graph.graph.initializer.append(_external(spec.name, array.shape, dtype, offset, array.nbytes))
+            offset += array.nbytes
+            del array
+            advance()
+
+
+def _prepare(tensor: torch.Tensor, spec: WeightSpec, dtype: str):
+    tensor = tensor.to(_TORCH_DTYPE[dtype])
+    if spec.transpose:
+        tensor = tensor.t()
+    return tensor.contiguous().numpy()
+
+
+def _align(fh, offset: int) -> int:
+    pad = (-offset) % _ALIGN
+    fh.write(b"\0" * pad)
+    return offset + pad
+
+
+def _external(name: str, shape, dtype: str, offset: int, length: int) -> TensorProto:
+    tensor = TensorProto(name=name, data_type=_ONNX_DTYPE[dtype], dims=list(shape))
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor

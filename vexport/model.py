@@ -1,0 +1,221 @@
+"""Intake: find, validate and load a value model (a local folder or a hub id).
+
+A value model is a ``*ForTokenClassification`` checkpoint of a Llama-family decoder with one label. Everything
+is checked from config.json and the safetensors headers before a single weight is read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vexport.errors import CorruptFileError, NotAValueModelError, VexportError
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                       "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+@dataclass
+class ModelSource:
+    """A validated value model on local disk: its config, weight files and tensor index."""
+
+    model_id: str  # as the user named it (a path or a hub id)
+    path: Path  # the local folder
+    config: Any  # transformers PretrainedConfig
+    weight_files: list[Path]
+    tensors: dict[str, tuple[Path, str, list[int]]] = field(default_factory=dict)  # name -> (file, dtype, shape)
+    pickle: bool = False
+
+    @property
+    def score_has_bias(self) -> bool:
+        return "score.bias" in self.tensors
+
+    def read_tensor(self, name: str):
+        """Read one tensor from its safetensors shard (the shard is mapped only while reading)."""
+        from safetensors import safe_open
+
+        file = self.tensors[name][0]
+        with safe_open(str(file), framework="pt") as fh:
+            return fh.get_tensor(name)
+
+    def load_torch(self, dtype=None, device: str | None = None):
+        """The reference: the checkpoint loaded with transformers, in eval mode."""
+        from transformers import AutoModelForTokenClassification
+
+        model = AutoModelForTokenClassification.from_pretrained(
+            self.path, dtype=dtype, use_safetensors=not self.pickle, trust_remote_code=False
+        )
+        if device is not None:
+            model = model.to(device)
+        return model.eval()
+
+
+def resolve(model: str | os.PathLike) -> Path:
+    """A local folder as is; a hub id (org/name) downloaded with huggingface_hub; anything else refused."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise VexportError(f"{model} is a file, not a model folder")
+        return path
+    text = str(model)
+    if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
+        raise VexportError(f"{model} does not exist")
+    return _download(text)
+
+
+def _download(model_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    log.info("downloading %s from the Hugging Face hub", model_id)
+    try:
+        folder = snapshot_download(
+            model_id,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"],
+        )
+    except Exception as exc:  # network, auth, missing repo: all one line for the user
+        raise VexportError(f"{model_id} does not exist locally and could not be downloaded: "
+                           f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
+    return Path(folder)
+
+
+def open_model(model: str | os.PathLike, allow_pickle: bool = False) -> ModelSource:
+    """Resolve, then validate config and weights of a value model; nothing heavy is loaded."""
+    path = resolve(model)
+    config = load_config(path)
+    check_value_model(config, path)
+    weight_files, is_pickle = find_weight_files(path, allow_pickle)
+    tensors = {} if is_pickle else index_tensors(weight_files)
+    if not is_pickle and "score.weight" not in tensors:
+        raise NotAValueModelError(f"{path} has no score head (score.weight) in its weights: not a value model")
+    return ModelSource(str(model), path, config, weight_files, tensors, is_pickle)
+
+
+def load_config(path: Path):
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise VexportError(f"{path} has no config.json: not a Hugging Face model folder")
+    try:
+        json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptFileError(f"{config_file} is not valid JSON ({' '.join(str(exc).split())})") from None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except Exception as exc:
+        raise VexportError(f"{config_file} is not a config transformers can read: "
+                           f"{' '.join(str(exc).split())[:200]}") from None
+
+
+def check_value_model(config, path: Path) -> None:
+    archs = list(getattr(config, "architectures", None) or [])
+    arch = archs[0] if archs else "(no architectures in config.json)"
+    if not arch.endswith("ForTokenClassification"):
+        kind = "a causal LM" if arch.endswith("ForCausalLM") else f"a {arch} checkpoint"
+        raise NotAValueModelError(
+            f"{path} is {kind} ({arch}) with no score head: not a value model "
+            "(expected a *ForTokenClassification checkpoint with num_labels 1)"
+        )
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise NotAValueModelError(f"{path}: model_type {config.model_type!r} is not a supported Llama-family "
+                                  f"decoder (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if config.num_labels != 1:
+        raise NotAValueModelError(f"{path} has num_labels {config.num_labels}: a value model has exactly 1")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise NotAValueModelError(f"{path}: hidden_act {config.hidden_act!r} is not supported (only silu)")
+
+
+def find_weight_files(path: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return _files_from_index(index), False
+    safetensors = sorted(path.glob("*.safetensors"))
+    if safetensors:
+        return safetensors, False
+    pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not pickles:
+        raise VexportError(f"{path} has no weight files (*.safetensors)")
+    if not allow_pickle:
+        raise VexportError(
+            f"{path} has weights only in pickle files ({pickles[0].name}), which can run code when loaded: "
+            "refused (pass --allow-pickle if you trust them, or convert them to safetensors)"
+        )
+    log.warning("loading pickle weights from %s because allow_pickle was given", path)
+    return pickles, True
+
+
+def _files_from_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CorruptFileError(f"{index} is not a valid safetensors index ({type(exc).__name__})") from None
+    files = []
+    for name in sorted(set(weight_map.values())):
+        file = index.parent / name
+        if not file.is_file():
+            raise CorruptFileError(f"{index} names {name}, which is missing")
+        files.append(file)
+    return files
+
+
+def index_tensors(files: list[Path]) -> dict[str, tuple[Path, str, list[int]]]:
+    tensors: dict[str, tuple[Path, str, list[int]]] = {}
+    for file in files:
+        for name, (dtype, shape) in read_safetensors_header(file).items():
+            tensors[name] = (file, dtype, shape)
+    return tensors
+
+
+def read_safetensors_header(file: Path) -> dict[str, tuple[str, list[int]]]:
+    """Parse and check a safetensors header: the byte ranges must tile the data exactly (catches truncation)."""
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CorruptFileError(f"{file} is truncated or not a safetensors file ({size} bytes)")
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8 or length > 100 << 20:
+            raise CorruptFileError(f"{file} is truncated or not a safetensors file (header of {length} bytes)")
+        try:
+            header = json.loads(fh.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CorruptFileError(f"{file} is corrupt: its safetensors header is not valid JSON") from None
+    return _check_header(file, header, size - 8 - length)
+
+
+def _check_header(file: Path, header: Any, data_size: int) -> dict[str, tuple[str, list[int]]]:
+    if not isinstance(header, dict):
+        raise CorruptFileError(f"{file} is corrupt: its safetensors header is not an object")
+    out, end = {}, 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, stop) = info["dtype"], info["shape"], info["data_offsets"]
+            nbytes = _SAFETENSORS_DTYPES[dtype] * _prod(shape)
+        except (KeyError, TypeError, ValueError):
+            raise CorruptFileError(f"{file} is corrupt: bad header entry for {name}") from None
+        if stop - begin != nbytes or begin < 0:
+            raise CorruptFileError(f"{file} is corrupt: {name} has {stop - begin} bytes, expected {nbytes}")
+        out[name], end = (dtype, list(shape)), max(end, stop)
+    if end > data_size:
+        raise CorruptFileError(f"{file} is truncated: its header needs {end} data bytes, the file has {data_size}")
+    return out
+
+
+def _prod(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n

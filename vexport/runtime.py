@@ -1,0 +1,169 @@
+"""`vexport.load`: a drop-in for ``AutoModelForTokenClassification.from_pretrained`` over any artifact.
+
+The backend is chosen from manifest.json alone; a plain Hugging Face folder or hub id gives the reference
+torch backend. Every backend is a runner with ``logits(input_ids, attention_mask) -> [B, T, 1]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers.modeling_outputs import TokenClassifierOutput
+
+from vexport.errors import InputError, ManifestError
+from vexport.manifest import MANIFEST_NAME, Manifest, read_manifest
+
+log = logging.getLogger(__name__)
+
+_IGNORED_KWARGS = {"return_dict", "use_cache", "output_attentions", "output_hidden_states", "position_ids"}
+
+
+class ValueModel:
+    """A value model on some backend. ``model(input_ids=..., attention_mask=...).logits`` is [B, T, 1]."""
+
+    def __init__(self, runner, config, path: Path, manifest: Manifest | None = None):
+        self.runner = runner
+        self.config = config
+        self.path = path
+        self.manifest = manifest
+        self._tokenizer = None
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.runner.device)
+
+    @property
+    def format(self) -> str:
+        return self.manifest.format if self.manifest else "torch"
+
+    @property
+    def precision(self) -> str:
+        if self.manifest:
+            return self.manifest.precision
+        return str(self.runner.dtype).removeprefix("torch.")
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.path)
+        return self._tokenizer
+
+    def eval(self) -> "ValueModel":
+        return self
+
+    def __call__(self, input_ids=None, attention_mask=None, **kwargs) -> TokenClassifierOutput:
+        unknown = sorted(set(kwargs) - _IGNORED_KWARGS)
+        if unknown:
+            raise InputError(f"unsupported argument(s) for a vexport model: {', '.join(unknown)}")
+        ids, mask = self._inputs(input_ids, attention_mask)
+        logits = self.runner.logits(ids, mask).to(self.device)
+        return TokenClassifierOutput(logits=logits)
+
+    forward = __call__
+
+    def values(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """float32 [B, T]: the value of every token; padding positions are 0."""
+        ids, mask = self._inputs(input_ids, attention_mask)
+        values = self.runner.logits(ids, mask)[..., 0].float().to(self.device)
+        return values * mask.to(values.device)
+
+    def sequence_values(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """float32 [B]: the value of each sequence, read at its last real token (any padding side)."""
+        ids, mask = self._inputs(input_ids, attention_mask)
+        values = self.values(ids, mask)
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        last = torch.where(mask.bool(), positions, -1).amax(dim=1).clamp_min(0)
+        return values.gather(1, last.to(values.device)[:, None])[:, 0]
+
+    def _inputs(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        if input_ids is None:
+            raise InputError("input_ids is required")
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() != 2 or ids.dtype.is_floating_point:
+            raise InputError(f"input_ids must be an integer tensor [batch, sequence], got {tuple(ids.shape)} {ids.dtype}")
+        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask)
+        if mask.shape != ids.shape:
+            raise InputError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
+        _check_ids(ids, self.config)
+        return ids.long(), mask.long()
+
+    def __repr__(self) -> str:
+        return f"ValueModel(format={self.format}, precision={self.precision}, device={self.device}, path={self.path})"
+
+
+def _check_ids(ids: torch.Tensor, config) -> None:
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size):
+        raise InputError(f"input_ids has token ids outside the vocabulary [0, {config.vocab_size})")
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and ids.shape[1] > limit:
+        raise InputError(f"sequence of {ids.shape[1]} tokens is longer than the model's "
+                         f"max_position_embeddings ({limit})")
+
+
+def default_device(device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load(model: str | os.PathLike, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+         *, allow_pickle: bool = False, threads: int | None = None) -> ValueModel:
+    """Load an exported artifact (by its manifest) or a Hugging Face value model (the torch reference).
+
+    The reference is float16 on CUDA and float32 on CPU unless ``dtype`` says otherwise.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / MANIFEST_NAME).is_file():
+        return _load_artifact(path, device, threads)
+    return _load_reference(model, device, dtype, allow_pickle)
+
+
+def _load_reference(model, device, dtype, allow_pickle: bool) -> ValueModel:
+    from vexport.backends.torch import TorchRunner
+    from vexport.model import open_model
+
+    source = open_model(model, allow_pickle=allow_pickle)
+    device = default_device(device)
+    dtype = _torch_dtype(dtype) or (torch.float16 if device.type == "cuda" else torch.float32)
+    module = source.load_torch(dtype=dtype, device=str(device))
+    return ValueModel(TorchRunner(module), source.config, source.path)
+
+
+def _load_artifact(path: Path, device, threads: int | None) -> ValueModel:
+    from transformers import AutoConfig
+
+    manifest = read_manifest(path)
+    check_files(path, manifest)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    if manifest.format == "onnx":
+        from vexport.backends.onnxrt import OnnxRuntimeRunner
+
+        runner = OnnxRuntimeRunner(path / manifest.format_options["graph"], device=device and str(device),
+                                   threads=threads)
+    else:
+        raise ManifestError(f"{path / MANIFEST_NAME} has format {manifest.format!r}, which this vexport cannot load")
+    return ValueModel(runner, config, path, manifest)
+
+
+def check_files(path: Path, manifest: Manifest) -> None:
+    """Every file the manifest lists must be present with the recorded size."""
+    for name, entry in manifest.files.items():
+        file = path / name
+        if not file.is_file():
+            raise ManifestError(f"{file} is listed in {MANIFEST_NAME} but missing")
+        if file.stat().st_size != entry.get("size"):
+            raise ManifestError(f"{file} has {file.stat().st_size} bytes, {MANIFEST_NAME} says {entry.get('size')}")
+
+
+def _torch_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[str(dtype)]
+    except KeyError:
+        raise InputError(f"dtype {dtype!r} is not one of float32, float16, bfloat16") from None
