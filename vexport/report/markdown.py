@@ -1,0 +1,128 @@
+"""The Markdown report: a human-readable page over the same report dict as the JSON report.
+
+Sections: title with the verdict, what was compared (candidate, reference, evaluation set), the checks
+table (metric, value, threshold, PASS/FAIL), other measurements, failures, notes, worst sequences and the
+environment. Plain string building: each section is one small function returning its lines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from vexport.report.json import to_jsonable
+
+TEXT_WIDTH = 80  # characters of a worst sequence's text shown in the table
+_OPS = {">=": "≥", "<=": "≤", "==": "="}
+_STATUS = {"pass": "PASS", "fail": "FAIL", "skipped": "not checked"}
+_UNITS = {"sqnr_db": " dB"}
+_OTHER_METRICS = (
+    "mean_abs_error",
+    "final_max_abs_error",
+    "final_mean_abs_error",
+    "final_pearson",
+    "num_tokens",
+    "num_sequences",
+    "num_groups",
+    "num_pairs",
+)
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """The report as Markdown text ending in a newline."""
+    data = to_jsonable(report)
+    parity = data.get("parity", {})
+    sections = [
+        _title(data, parity),
+        _checks(parity),
+        _other_measurements(parity),
+        _bullets("Failures", parity.get("failures", []), empty="None."),
+        _bullets("Notes", parity.get("notes", []), empty=None),
+        _worst(data.get("worst", [])),
+        _key_values("Environment", data.get("environment", {})),
+    ]
+    return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _cell(value: Any) -> str:
+    return " ".join(_fmt(value).split()).replace("|", "\\|")
+
+
+def _row(cells: Iterable[Any]) -> str:
+    return "| " + " | ".join(_cell(c) for c in cells) + " |"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    return [_row(header), "|" + "---|" * len(header), *(_row(r) for r in rows)]
+
+
+def _title(data: Mapping[str, Any], parity: Mapping[str, Any]) -> list[str]:
+    verdict = "PASS" if parity.get("passed") else "FAIL"
+    art, ref, ev = data.get("artifact", {}), data.get("reference", {}), data.get("evalset", {})
+    lines = [
+        f"# vexport parity report: {verdict}",
+        "",
+        f"Candidate: `{_fmt(art.get('path'))}` ({_fmt(art.get('format'))}, {_fmt(art.get('precision'))}).",
+        f"Reference: `{_fmt(ref.get('model'))}` on {_fmt(ref.get('backend'))} "
+        f"({_fmt(ref.get('device'))}, {_fmt(ref.get('dtype'))}).",
+        f"Evaluation set: `{_fmt(ev.get('name'))}`: {_fmt(ev.get('groups'))} groups, "
+        f"{_fmt(ev.get('sequences'))} sequences, {_fmt(ev.get('tokens'))} tokens. "
+        f"Seed: {_fmt(data.get('seed'))}.",
+        f"Created {_fmt(data.get('created'))} by vexport {_fmt(data.get('vexport_version'))}.",
+    ]
+    extra = {k: v for k, v in art.items() if k not in ("path", "format", "precision")}
+    return lines + (["", *_table(["Artifact", "Value"], extra.items())] if extra else [])
+
+
+def _checks(parity: Mapping[str, Any]) -> list[str]:
+    rows = []
+    for check in parity.get("checks", []):
+        unit = _UNITS.get(check["metric"], "")
+        threshold = check.get("threshold")
+        op = _OPS.get(check["op"], check["op"])
+        limit = "—" if threshold is None else f"{op} {_fmt(threshold)}{unit}"
+        value = f"{_fmt(check.get('value'))}{unit}"
+        rows.append([check["metric"], value, limit, _STATUS.get(check["status"], check["status"])])
+    return ["## Checks", "", *_table(["Metric", "Value", "Threshold", "Result"], rows)]
+
+
+def _other_measurements(parity: Mapping[str, Any]) -> list[str]:
+    rows = [[name, parity[name]] for name in _OTHER_METRICS if name in parity]
+    return ["## Other measurements", "", *_table(["Metric", "Value"], rows)] if rows else []
+
+
+def _bullets(heading: str, items: Sequence[str], empty: str | None) -> list[str]:
+    if not items:
+        return [f"## {heading}", "", empty] if empty else []
+    return [f"## {heading}", "", *(f"- {' '.join(str(i).split())}" for i in items)]
+
+
+def _truncate(text: Any, width: int = TEXT_WIDTH) -> str:
+    flat = " ".join(str(text if text is not None else "").split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _worst(worst: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not worst:
+        return []
+    rows = [
+        [rank, w.get("index"), w.get("max_abs_error"), _truncate(w.get("text"))]
+        for rank, w in enumerate(worst, start=1)
+    ]
+    return ["## Worst sequences", "", *_table(["Rank", "Sequence", "Max abs error", "Text"], rows)]
+
+
+def _key_values(heading: str, values: Mapping[str, Any]) -> list[str]:
+    if not values:
+        return []
+    return [f"## {heading}", "", *_table(["Name", "Value"], sorted(values.items()))]
