@@ -53,6 +53,10 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=err, show_path=False)])
+    if not verbose:  # vexport draws its own progress bars; transformers' per-load bars are noise here
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 @app.command()

@@ -1,0 +1,3 @@
+from vexport.cli import app
+
+app(prog_name="vexport")
