@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vexport.check import check
+from vexport.checker import check
 from vexport.export.onnx import export_onnx
 from vexport.parity import sqnr_db
 from vexport.runtime import load

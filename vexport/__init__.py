@@ -1,7 +1,21 @@
-"""vexport: export RLHF value models to fast formats and prove the values did not change."""
+"""vexport: export RLHF value models to fast formats and prove the values did not change.
+
+The public verbs: ``load`` (any artifact or Hugging Face value model), ``export_onnx``, ``check``.
+"""
 
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+_VERBS = {"load": "vexport.runtime", "export_onnx": "vexport.export.onnx", "check": "vexport.checker"}
+
+__all__ = ["__version__", *_VERBS]
+
+
+def __getattr__(name: str):
+    """Import a verb's module only when it is used, so `import vexport` stays light."""
+    if name in _VERBS:
+        return getattr(importlib.import_module(_VERBS[name]), name)
+    raise AttributeError(f"module 'vexport' has no attribute {name!r}")

@@ -89,7 +89,7 @@ def check(
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle")] = False,
 ):
     """Compare ARTIFACT with the reference on real tokens. Exit 0: pass, 1: fail, 2: bad input."""
-    from vexport.check import check as run_check
+    from vexport.checker import check as run_check
 
     outcome = run_check(artifact, reference, prompts=prompts, thresholds=_overrides(threshold), device=device,
                         batch_tokens=batch_tokens, report=report, allow_pickle=allow_pickle, progress=True)
