@@ -1,0 +1,187 @@
+"""Prompt groups for evaluation: the built-in set, JSONL readers, chat-template rendering and encoding."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from vexport.errors import InputError, VexportError
+
+__all__ = [
+    "TULU_CHAT_TEMPLATE",
+    "EncodedSample",
+    "PromptGroup",
+    "builtin_prompt_groups",
+    "encode",
+    "encode_groups",
+    "read_prompt_groups",
+    "render",
+]
+
+logger = logging.getLogger(__name__)
+
+# Tulu 2: "<|user|>\n{content}\n<|assistant|>\n{content}</s>\n" per turn; the markers are plain text.
+TULU_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+ROLES = ("system", "user", "assistant")
+BUILTIN_FILE = "prompt_groups.jsonl"
+
+
+@dataclass(frozen=True)
+class PromptGroup:
+    """A chat before the response (ending in a user turn) and candidate responses to it."""
+
+    messages: tuple[dict, ...]
+    responses: tuple[str, ...]
+
+    @property
+    def prompt(self) -> str:
+        """The content of the last user message."""
+        return next(m["content"] for m in reversed(self.messages) if m["role"] == "user")
+
+
+@dataclass(frozen=True)
+class EncodedSample:
+    """One rendered (prompt group, response) pair and its token ids."""
+
+    group: int
+    response: int
+    text: str
+    input_ids: tuple[int, ...]
+
+
+def builtin_prompt_groups() -> list[PromptGroup]:
+    """The built-in evaluation set: 18 prompts, each with responses that are good, mediocre, wrong, unhelpful.
+
+    Responses are listed in that order.
+    """
+    text = resources.files("vexport").joinpath("data", BUILTIN_FILE).read_text(encoding="utf-8")
+    return _parse_lines(text.splitlines(), f"vexport/data/{BUILTIN_FILE}")
+
+
+def read_prompt_groups(path: str | Path) -> list[PromptGroup]:
+    """Read JSONL prompt groups: `{"prompt": ..., "responses": [...]}` or `{"messages": [...], "responses": [...]}`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise VexportError(f"{path}: no such prompt-group file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VexportError(f"{path}: cannot read prompt groups ({exc})") from None
+    return _parse_lines(text.splitlines(), str(path))
+
+
+def _parse_lines(lines: Iterable[str], source: str) -> list[PromptGroup]:
+    """Parse JSONL lines (blank lines skipped); errors name `source` and the line number."""
+    groups = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{source}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise VexportError(f"{where}: not valid JSON ({exc.msg})") from None
+        groups.append(_parse_record(record, where))
+    if not groups:
+        raise VexportError(f"{source}: no prompt groups (the file is empty)")
+    return groups
+
+
+def _parse_record(record: Any, where: str) -> PromptGroup:
+    """Validate one JSON record and build its PromptGroup."""
+    if not isinstance(record, dict):
+        raise VexportError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    has_prompt, has_messages = "prompt" in record, "messages" in record
+    if has_prompt == has_messages:
+        raise VexportError(f"{where}: give exactly one of 'prompt' or 'messages'")
+    if has_prompt:
+        if not isinstance(record["prompt"], str):
+            raise VexportError(f"{where}: 'prompt' must be a string")
+        messages = ({"role": "user", "content": record["prompt"]},)
+    else:
+        messages = _parse_messages(record["messages"], where)
+    return PromptGroup(messages=messages, responses=_parse_responses(record.get("responses"), where))
+
+
+def _parse_messages(messages: Any, where: str) -> tuple[dict, ...]:
+    """Validate a chat: a non-empty list of {role, content} objects that ends with a user turn."""
+    if not isinstance(messages, list) or not messages:
+        raise VexportError(f"{where}: 'messages' must be a non-empty list")
+    parsed = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise VexportError(f"{where}: messages[{index}] must be an object with a string 'content'")
+        if message.get("role") not in ROLES:
+            raise VexportError(f"{where}: messages[{index}] has role {message.get('role')!r}, expected one of {ROLES}")
+        parsed.append({"role": message["role"], "content": message["content"]})
+    if parsed[-1]["role"] != "user":
+        raise VexportError(f"{where}: the last message must have role 'user', got {parsed[-1]['role']!r}")
+    return tuple(parsed)
+
+
+def _parse_responses(responses: Any, where: str) -> tuple[str, ...]:
+    """Validate a non-empty list of response strings."""
+    if responses is None:
+        raise VexportError(f"{where}: missing 'responses'")
+    if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+        raise VexportError(f"{where}: 'responses' must be a list of strings")
+    if not responses:
+        raise VexportError(f"{where}: 'responses' is empty")
+    return tuple(responses)
+
+
+@functools.cache
+def _warn_no_chat_template(name: str) -> None:
+    """Log, once per tokenizer name, that the Tulu format stands in for a missing chat template."""
+    logger.warning("tokenizer %r has no chat template; rendering prompts in the Tulu 2 format", name)
+
+
+def render(tokenizer: Any, messages: Sequence[dict], response: str) -> str:
+    """The chat with the generation prompt, then `response`; the assistant turn is left open (no eos)."""
+    template = None
+    if not getattr(tokenizer, "chat_template", None):
+        _warn_no_chat_template(str(getattr(tokenizer, "name_or_path", "")))
+        template = TULU_CHAT_TEMPLATE
+    prompt = tokenizer.apply_chat_template(
+        list(messages), chat_template=template, tokenize=False, add_generation_prompt=True
+    )
+    return prompt + response
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids as `tokenizer(text)` gives them, without a second bos when `text` already starts with it."""
+    bos = getattr(tokenizer, "bos_token", None)
+    add_special_tokens = not (bos and text.startswith(bos))
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def encode_groups(
+    tokenizer: Any, groups: Sequence[PromptGroup], max_length: int | None = None
+) -> list[EncodedSample]:
+    """Render and encode every (group, response); a sample over `max_length` tokens is an error, never cut."""
+    samples = []
+    for g, group in enumerate(groups):
+        for r, response in enumerate(group.responses):
+            text = render(tokenizer, group.messages, response)
+            ids = encode(tokenizer, text)
+            if max_length is not None and len(ids) > max_length:
+                raise InputError(
+                    f"prompt group {g} response {r} is {len(ids)} tokens, over max_length={max_length}"
+                )
+            samples.append(EncodedSample(group=g, response=r, text=text, input_ids=tuple(ids)))
+    return samples
