@@ -12,13 +12,14 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from vexport.artifact import check_output, staging_dir
 from vexport.errors import VexportError
-from vexport.export.common import copy_support_files, model_summary, source_summary, write_manifest
+from vexport.export.common import copy_support_files, write_manifest
 from vexport.export.onnx_graph import INPUT_NAMES, OPSET, OUTPUT_NAME, WeightSpec, build_graph
 from vexport.model import ModelSource, open_model
 from vexport.progress import progress_bar
@@ -29,7 +30,6 @@ GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 _ALIGN = 4096  # page-aligned tensors, so ONNX Runtime can memory-map the external data
 _TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16}
-_ONNX_DTYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 
 
 def export_onnx(model: str | os.PathLike, output: str | os.PathLike, dtype: str = "float32", *,
@@ -77,10 +77,10 @@ def _write_weights(graph: onnx.ModelProto, weights: list[WeightSpec], read: Call
     offset = 0
     with open(data_file, "wb") as fh, progress_bar("writing ONNX weights", len(weights), progress) as advance:
         for spec in weights:
-            array = _prepare(read(spec.source), spec, dtype)
+            array = spec.make(read) if spec.make else _prepare(read(spec.source), spec, dtype)
             offset = _align(fh, offset)
-            fh.write(memoryview(array).cast("B"))
-            graph.graph.initializer.append(_external(spec.name, array.shape, dtype, offset, array.nbytes))
+            fh.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+            graph.graph.initializer.append(_external(spec.name, array, offset))
             offset += array.nbytes
             del array
             advance()
@@ -99,10 +99,10 @@ def _align(fh, offset: int) -> int:
     return offset + pad
 
 
-def _external(name: str, shape, dtype: str, offset: int, length: int) -> TensorProto:
-    tensor = TensorProto(name=name, data_type=_ONNX_DTYPE[dtype], dims=list(shape))
+def _external(name: str, array: np.ndarray, offset: int) -> TensorProto:
+    tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=list(array.shape))
     tensor.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(length))):
+    for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(array.nbytes))):
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
     return tensor

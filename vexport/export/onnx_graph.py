@@ -11,7 +11,9 @@ writer (export/onnx.py) streams them into external data.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -31,13 +33,20 @@ class WeightSpec:
     """One initializer: where it comes from in the checkpoint and how it is stored in the graph."""
 
     name: str  # initializer name in the graph
-    source: str  # tensor name in the safetensors checkpoint
-    transpose: bool  # Linear weights are stored [in, out] so the graph multiplies without a Transpose
+    source: str  # tensor name in the checkpoint
+    transpose: bool = False  # Linear weights are stored [in, out] so the graph multiplies without a Transpose
+    make: Callable[[Callable[[str], Any]], np.ndarray] | None = None  # custom: read -> array (e.g. int4 repacking)
+
+
+# A Linear emitter: (builder, x, checkpoint prefix, node name, has bias) -> output name. The default is a MatMul
+# over the dense weight; the int4 graph passes one that emits MatMulNBits from GPTQ tensors.
+LinearEmitter = Callable[["_Builder", str, str, str, bool], str]
 
 
 @dataclass
 class _Builder:
     dtype: str
+    linear: LinearEmitter
     nodes: list = field(default_factory=list)
     constants: list = field(default_factory=list)
     weights: list[WeightSpec] = field(default_factory=list)
@@ -58,8 +67,8 @@ class _Builder:
             self.constants.append(numpy_helper.from_array(np.asarray(value), name))
         return name
 
-    def weight(self, name: str, source: str, transpose: bool = False) -> str:
-        self.weights.append(WeightSpec(name, source, transpose))
+    def weight(self, name: str, source: str, transpose: bool = False, make=None) -> str:
+        self.weights.append(WeightSpec(name, source, transpose, make))
         return name
 
     @property
@@ -78,9 +87,10 @@ def rotary_tables(config) -> tuple[np.ndarray, float]:
     return rotary.inv_freq.float().numpy(), float(rotary.attention_scaling)
 
 
-def build_graph(config, dtype: str, score_bias: bool) -> tuple[onnx.ModelProto, list[WeightSpec]]:
+def build_graph(config, dtype: str, score_bias: bool,
+                linear: LinearEmitter | None = None) -> tuple[onnx.ModelProto, list[WeightSpec]]:
     """The graph without weight data, and the list of weights it expects, in order of first use."""
-    b = _Builder(dtype)
+    b = _Builder(dtype, linear or dense_linear)
     b.const("one_i64", np.array([1], np.int64))
     b.const("zero_i64", np.array(0, np.int64))
     positions = b.op("Sub", b.op("CumSum", "attention_mask", b.const("axis1", np.array(1, np.int64))), "one_i64")
@@ -141,7 +151,8 @@ def _rms_norm(b: _Builder, x: str, source: str, name: str, eps: float) -> str:
     return b.op("Mul", b.weight(f"{name}_weight", source), normed)
 
 
-def _linear(b: _Builder, x: str, source: str, name: str, bias: bool) -> str:
+def dense_linear(b: _Builder, x: str, source: str, name: str, bias: bool) -> str:
+    """x @ W^T (+ b) with W stored transposed, [in, out]."""
     y = b.op("MatMul", x, b.weight(f"{name}_weight", f"{source}.weight", transpose=True))
     return b.op("Add", y, b.weight(f"{name}_bias", f"{source}.bias")) if bias else y
 
@@ -157,10 +168,10 @@ def _decoder_layer(b: _Builder, config, i: int, hidden: str, cos: str, sin: str,
 
 def _mlp(b: _Builder, config, i: int, x: str) -> str:
     prefix, bias = f"model.layers.{i}.mlp", bool(getattr(config, "mlp_bias", False))
-    gate = _linear(b, x, f"{prefix}.gate_proj", f"l{i}_gate", bias)
-    up = _linear(b, x, f"{prefix}.up_proj", f"l{i}_up", bias)
+    gate = b.linear(b, x, f"{prefix}.gate_proj", f"l{i}_gate", bias)
+    up = b.linear(b, x, f"{prefix}.up_proj", f"l{i}_up", bias)
     act = b.op("Mul", gate, b.op("Sigmoid", gate))
-    return _linear(b, b.op("Mul", act, up), f"{prefix}.down_proj", f"l{i}_down", bias)
+    return b.linear(b, b.op("Mul", act, up), f"{prefix}.down_proj", f"l{i}_down", bias)
 
 
 def _heads(b: _Builder, x: str, heads: int, head_dim: int, name: str) -> str:
@@ -191,9 +202,9 @@ def _attention(b: _Builder, config, i: int, x: str, cos: str, sin: str, bias: st
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     prefix, qkv_bias = f"model.layers.{i}.self_attn", bool(getattr(config, "attention_bias", False))
-    q = _heads(b, _linear(b, x, f"{prefix}.q_proj", f"l{i}_q", qkv_bias), heads, head_dim, f"l{i}_q")
-    k = _heads(b, _linear(b, x, f"{prefix}.k_proj", f"l{i}_k", qkv_bias), kv_heads, head_dim, f"l{i}_k")
-    v = _heads(b, _linear(b, x, f"{prefix}.v_proj", f"l{i}_v", qkv_bias), kv_heads, head_dim, f"l{i}_v")
+    q = _heads(b, b.linear(b, x, f"{prefix}.q_proj", f"l{i}_q", qkv_bias), heads, head_dim, f"l{i}_q")
+    k = _heads(b, b.linear(b, x, f"{prefix}.k_proj", f"l{i}_k", qkv_bias), kv_heads, head_dim, f"l{i}_k")
+    v = _heads(b, b.linear(b, x, f"{prefix}.v_proj", f"l{i}_v", qkv_bias), kv_heads, head_dim, f"l{i}_v")
     q, k = _rope(b, q, cos, sin, head_dim), _rope(b, k, cos, sin, head_dim)
     k = _repeat_kv(b, k, heads, kv_heads, head_dim, i)
     v = _repeat_kv(b, v, heads, kv_heads, head_dim, i)
@@ -203,4 +214,4 @@ def _attention(b: _Builder, config, i: int, x: str, cos: str, sin: str, bias: st
     probs = b.op("Cast", b.op("Softmax", b.op("Add", scores, bias), axis=-1), to=b.onnx_dtype)
     out = b.op("Transpose", b.op("MatMul", probs, v), perm=[0, 2, 1, 3])
     out = b.op("Reshape", out, b.const(f"l{i}_merge", np.array([0, 0, heads * head_dim], np.int64)))
-    return _linear(b, out, f"{prefix}.o_proj", f"l{i}_o", qkv_bias)
+    return b.linear(b, out, f"{prefix}.o_proj", f"l{i}_o", qkv_bias)
