@@ -1,0 +1,120 @@
+"""GPTQ v1 packing (``checkpoint_format: gptq``), 4 bits, as written down in FORMATS.md.
+
+``qweight`` int32 [I/8, O]: 8 codes along the input dimension per word, lowest 4 bits first.
+``qzeros`` int32 [G, O/8]: 8 zero points along the output dimension per word, lowest bits first, stored as
+``zero - 1`` by subtracting 0x11111111 from the whole word (borrows included). ``scales`` float16 [G, O].
+``g_idx`` int32 [I]. All word arithmetic is done in int64 and wrapped to int32 at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from vexport.errors import InputError
+from vexport.quant.types import QuantizedWeight
+
+PACK_BITS = 4
+PER_WORD = 32 // PACK_BITS
+V1_ZERO_OFFSET = 0x11111111
+_WORD = 1 << 32
+_NIBBLE = (1 << PACK_BITS) - 1
+TENSOR_NAMES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def pack_gptq_v1(qw: QuantizedWeight) -> dict[str, Tensor]:
+    """The four GPTQ v1 tensors of one Linear (on the device of ``qw``)."""
+    _check_bits(qw.bits)
+    for name, size in (("in_features", qw.in_features), ("out_features", qw.out_features)):
+        if size % PER_WORD:
+            raise InputError(f"GPTQ v1 packing needs {name} divisible by {PER_WORD}, got {size}")
+    qweight = _pack_last(qw.q.to(torch.int64)).T  # [O, I/8] -> [I/8, O]
+    qzeros = _pack_last(qw.zeros.to(torch.int64)) - V1_ZERO_OFFSET
+    return {
+        "qweight": _wrap_int32(qweight).contiguous(),
+        "qzeros": _wrap_int32(qzeros),
+        "scales": qw.scales.to(torch.float16),
+        "g_idx": qw.g_idx.to(torch.int32).clone(),
+    }
+
+
+def unpack_gptq_v1(
+    tensors: dict[str, Tensor],
+    bits: int = 4,
+    *,
+    group_size: int | None = None,
+    sym: bool | None = None,
+    desc_act: bool | None = None,
+) -> QuantizedWeight:
+    """Read the four tensors back. ``group_size``, ``sym`` and ``desc_act`` are inferred from the tensors
+    when not given (the largest group's size, or -1 for one group; all zeros at 2^(bits-1); g_idx not
+    sorted); pass them from the checkpoint's quantize config where it is known."""
+    _check_bits(bits)
+    qweight, qzeros, scales, g_idx = _checked_tensors(tensors)
+    q = _unpack_last(_as_uint32(qweight).T).to(torch.uint8)  # [O, I]
+    zeros = _unpack_last((_as_uint32(qzeros) + V1_ZERO_OFFSET) % _WORD).to(torch.int32)
+    g_idx = g_idx.to(torch.int32)
+    if group_size is None:
+        counts = torch.bincount(g_idx.long(), minlength=scales.shape[0])
+        group_size = -1 if scales.shape[0] == 1 else int(counts.max())
+    if sym is None:
+        sym = bool((zeros == 2 ** (bits - 1)).all())
+    if desc_act is None:
+        desc_act = bool((g_idx[1:] < g_idx[:-1]).any())
+    return QuantizedWeight(q, scales.to(torch.float32), zeros, g_idx, bits, group_size, sym, desc_act)
+
+
+def dequantize_gptq_v1(tensors: dict[str, Tensor], dtype: torch.dtype = torch.float16) -> Tensor:
+    """The weight [O, I] the GPTQ v1 tensors stand for: ``scales[g_idx[i], o] * (q[o, i] - zero[g_idx[i], o])``
+    computed in float32, then cast to ``dtype``."""
+    return unpack_gptq_v1(tensors).dequantize(dtype)
+
+
+def _check_bits(bits: int) -> None:
+    if bits != PACK_BITS:
+        raise InputError(f"GPTQ v1 packing supports only {PACK_BITS} bits, got {bits!r}")
+
+
+def _checked_tensors(tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    missing = [name for name in TENSOR_NAMES if name not in tensors]
+    if missing:
+        raise InputError(f"GPTQ v1 tensors missing: {', '.join(missing)}")
+    qweight, qzeros, scales, g_idx = (tensors[name] for name in TENSOR_NAMES)
+    for name, t in (("qweight", qweight), ("qzeros", qzeros), ("g_idx", g_idx)):
+        if t.dtype != torch.int32:
+            raise InputError(f"GPTQ v1 {name} must be int32, got {t.dtype}")
+    if qweight.dim() != 2 or qzeros.dim() != 2 or scales.dim() != 2 or g_idx.dim() != 1:
+        raise InputError("GPTQ v1 tensors must be qweight [I/8, O], qzeros [G, O/8], scales [G, O], g_idx [I]")
+    in_f, out_f = qweight.shape[0] * PER_WORD, qweight.shape[1]
+    n_groups = scales.shape[0]
+    if tuple(qzeros.shape) != (n_groups, out_f // PER_WORD) or scales.shape[1] != out_f or len(g_idx) != in_f:
+        raise InputError(
+            f"GPTQ v1 shapes disagree: qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, "
+            f"scales {tuple(scales.shape)}, g_idx {tuple(g_idx.shape)}"
+        )
+    return qweight, qzeros, scales, g_idx
+
+
+def _pack_last(values: Tensor) -> Tensor:
+    """int64 [..., 8k] -> int64 [..., k]: 8 consecutive values per word, the first in the lowest bits."""
+    shifts = torch.arange(PER_WORD, device=values.device, dtype=torch.int64) * PACK_BITS
+    grouped = values.reshape(*values.shape[:-1], -1, PER_WORD)
+    return (grouped << shifts).sum(dim=-1)
+
+
+def _unpack_last(words: Tensor) -> Tensor:
+    """int64 [..., k] (values in 0..2^32-1) -> int64 [..., 8k], the inverse of ``_pack_last``."""
+    shifts = torch.arange(PER_WORD, device=words.device, dtype=torch.int64) * PACK_BITS
+    nibbles = (words[..., None] >> shifts) & _NIBBLE
+    return nibbles.reshape(*words.shape[:-1], -1)
+
+
+def _wrap_int32(words: Tensor) -> Tensor:
+    """int64 words taken modulo 2^32, reinterpreted as two's-complement int32."""
+    unsigned = words % _WORD
+    return torch.where(unsigned >= _WORD // 2, unsigned - _WORD, unsigned).to(torch.int32)
+
+
+def _as_uint32(words: Tensor) -> Tensor:
+    """int32 words as their unsigned value, held in int64."""
+    return words.to(torch.int64) % _WORD
