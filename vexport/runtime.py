@@ -19,6 +19,7 @@ from vexport.manifest import MANIFEST_NAME, Manifest, read_manifest
 log = logging.getLogger(__name__)
 
 _IGNORED_KWARGS = {"return_dict", "use_cache", "output_attentions", "output_hidden_states", "position_ids"}
+_CACHE_KWARGS = ("past_key_values", "cache")  # the transformers 4 and 5 names of the KV cache argument
 
 
 class ValueModel:
@@ -57,14 +58,47 @@ class ValueModel:
         return self
 
     def __call__(self, input_ids=None, attention_mask=None, **kwargs) -> TokenClassifierOutput:
-        unknown = sorted(set(kwargs) - _IGNORED_KWARGS)
+        unknown = sorted(set(kwargs) - _IGNORED_KWARGS - set(_CACHE_KWARGS))
         if unknown:
             raise InputError(f"unsupported argument(s) for a vexport model: {', '.join(unknown)}")
+        if self._wants_cache(kwargs):
+            return self._call_with_cache(input_ids, attention_mask, kwargs)
         ids, mask = self._inputs(input_ids, attention_mask)
         logits = self.runner.logits(ids, mask).to(self.device)
         return TokenClassifierOutput(logits=logits)
 
     forward = __call__
+
+    # --- decoding: KV-cached calls, sessions and shared-prompt scoring (vexport/decoding) ---
+    def _wants_cache(self, kwargs: dict) -> bool:
+        """A cache was passed (any backend: the others refuse it by name), or asked for on a torch backend."""
+        passed = any(kwargs.get(name) is not None for name in _CACHE_KWARGS)
+        return passed or bool(kwargs.get("use_cache")) and hasattr(self.runner, "module")
+
+    def _call_with_cache(self, input_ids, attention_mask, kwargs: dict):
+        """``input_ids`` are the new tokens; ``attention_mask`` covers the cached and the new ones. Returns
+        ``.logits`` [B, n, 1] and ``.past_key_values`` (also ``.cache``), as a causal LM does."""
+        from vexport.decoding import forward_with_cache
+
+        passed = [name for name in _CACHE_KWARGS if kwargs.get(name) is not None]
+        if len(passed) > 1:
+            raise InputError("pass the KV cache as past_key_values or as cache, not both")
+        ids, _ = self._inputs(input_ids, None)
+        return forward_with_cache(self, ids, attention_mask, kwargs[passed[0]] if passed else None)
+
+    def session(self, prompt_ids, attention_mask=None):
+        """A ``vexport.decoding.Session``: the prompt ([P] or [B, P]) runs once and its KV cache is kept for
+        ``score(candidates)`` and ``advance(tokens)`` (torch backends: the fp reference and GPTQ int4)."""
+        from vexport.decoding import Session
+
+        return Session(self, prompt_ids, attention_mask)
+
+    def score_group(self, prompt_ids, responses) -> list[torch.Tensor]:
+        """Per-token values (float32) of each response after one shared prompt [P], the prompt run once."""
+        from vexport.decoding import score_group
+
+        return score_group(self, prompt_ids, responses)
+    # --- end decoding ---
 
     def values(self, input_ids, attention_mask=None) -> torch.Tensor:
         """float32 [B, T]: the value of every token; padding positions are 0."""
@@ -145,6 +179,12 @@ def _load_artifact(path: Path, device, threads: int | None) -> ValueModel:
 
         runner = OnnxRuntimeRunner(path / manifest.format_options["graph"], device=device and str(device),
                                    threads=threads)
+    # --- gptq: the int4 torch backend (backends/gptq.py) ---
+    elif manifest.format == "gptq":
+        from vexport.backends.gptq import GPTQRunner
+
+        runner = GPTQRunner(path, device=device)
+    # --- end gptq ---
     else:
         raise ManifestError(f"{path / MANIFEST_NAME} has format {manifest.format!r}, which this vexport cannot load")
     return ValueModel(runner, config, path, manifest)

@@ -14,6 +14,13 @@ SUPPORT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tok
                  "chat_template.json", "vocab.json", "merges.txt")
 
 
+def value_io_spec() -> tuple[list[dict], list[dict]]:
+    """Every artifact takes input_ids and attention_mask and gives logits [batch, sequence, 1] in float32."""
+    inputs = [{"name": n, "dtype": "int64", "shape": ["batch", "sequence"]} for n in ("input_ids", "attention_mask")]
+    outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", "sequence", 1]}]
+    return inputs, outputs
+
+
 def copy_support_files(source: Path, dest: Path) -> list[str]:
     """Copy config and tokenizer files so the artifact folder is self-contained."""
     copied = []

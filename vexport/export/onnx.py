@@ -21,8 +21,10 @@ from vexport.artifact import check_output, staging_dir
 from vexport.errors import VexportError
 from vexport.export.common import copy_support_files, write_manifest
 from vexport.export.onnx_graph import INPUT_NAMES, OPSET, OUTPUT_NAME, WeightSpec, build_graph
+from vexport.export.onnx_int4 import MatMulNBitsEmitter, add_contrib_opset
 from vexport.model import ModelSource, open_model
 from vexport.progress import progress_bar
+from vexport.quant.checkpoint import is_gptq_config
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +42,20 @@ def export_onnx(model: str | os.PathLike, output: str | os.PathLike, dtype: str 
     output = Path(output)
     check_output(output, force)
     source = open_model(model, allow_pickle=allow_pickle)
-    graph, weights = build_graph(source.config, dtype, source.score_has_bias)
+    # --- int4: a GPTQ source folder gives MatMulNBits Linears (export/onnx_int4.py) ---
+    int4 = MatMulNBitsEmitter(source) if is_gptq_config(source.config) else None
+    graph, weights = build_graph(source.config, dtype, source.score_has_bias, linear=int4)
+    precision, options = dtype, _format_options(graph)
+    if int4 is not None:
+        add_contrib_opset(graph)
+        precision, options = "int4", {**options, **int4.format_options(dtype)}
+    # --- end int4 ---
     with staging_dir(output, force) as tmp:
         _write_weights(graph, weights, _tensor_reader(source), tmp / DATA_FILE, dtype, progress)
         onnx.save_model(graph, tmp / GRAPH_FILE)
         onnx.checker.check_model(str(tmp / GRAPH_FILE))
         copy_support_files(source.path, tmp)
-        write_manifest(tmp, "onnx", dtype, source, _io_spec(), _format_options(graph), progress)
+        write_manifest(tmp, "onnx", precision, source, _io_spec(), options, progress)
     log.info("wrote %s", output)
     return output
 

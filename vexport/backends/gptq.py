@@ -1,0 +1,178 @@
+"""The int4 torch backend: a GPTQ v1 checkpoint run with its Linears kept packed on the device.
+
+The model is built on the meta device from config.json, so no float copy of the whole model is ever made;
+every tensor is then read from its shard and assigned in place (float tensors in the runtime dtype: float16
+on CUDA, float32 on CPU). Each decoder Linear is a ``QuantLinear`` holding ``qweight``, ``qzeros``,
+``scales`` and ``g_idx`` as stored.
+
+``QuantLinear.forward`` has two paths:
+- dequantize (``dequantize_packed``: the same numbers as ``vexport.quant.pack.dequantize_gptq_v1``, the
+  plain reference of the format, without its checks and int64 temporaries), then one matmul in the
+  activation dtype. Used on CPU, and on CUDA above ``TRITON_MAX_TOKENS`` rows, where one cuBLAS GEMM
+  on the dequantized weight beats the fused kernel (the dequantization is amortised over many rows).
+- the fused Triton dequant-matmul (``vexport.kernels.int4_matmul``) on CUDA for up to ``TRITON_MAX_TOKENS``
+  rows (decoding, short prompts), where reading 4-bit weights is what bounds the time.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+
+import torch
+from torch import Tensor, nn
+
+from vexport.backends.torch import position_ids
+from vexport.errors import VexportError
+from vexport.quant.checkpoint import QUANTIZED_LINEARS, gptq_options
+from vexport.quant.pack import V1_ZERO_OFFSET
+
+log = logging.getLogger(__name__)
+
+TRITON_MAX_TOKENS = 64  # rows (batch x tokens) up to which CUDA uses the fused Triton kernel
+
+
+class QuantLinear(nn.Module):
+    """``y = x W^T + b`` with W held as GPTQ v1 int4 tensors (buffers, so ``.to(device)`` moves them)."""
+
+    def __init__(self, in_features: int, out_features: int, groups: int, bias: bool,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.empty(in_features // 8, out_features, dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.empty(groups, out_features // 8, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.empty(groups, out_features, dtype=torch.float16, device=device))
+        self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_packed(cls, packed: dict[str, Tensor], bias: Tensor | None = None) -> "QuantLinear":
+        """A QuantLinear over the four GPTQ v1 tensors of one Linear (e.g. ``pack_gptq_v1``'s output)."""
+        in_features, out_features = packed["qweight"].shape[0] * 8, packed["qweight"].shape[1]
+        dtype = bias.dtype if bias is not None else torch.float32
+        module = cls(in_features, out_features, packed["scales"].shape[0], bias is not None, dtype, "meta")
+        state = {**packed, **({"bias": bias} if bias is not None else {})}
+        module.load_state_dict(state, strict=True, assign=True)
+        return module
+
+    def packed(self) -> dict[str, Tensor]:
+        return {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
+
+    def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
+        """The weight [O, I] in ``dtype`` (computed in float32, as the format defines it)."""
+        return dequantize_packed(self.qweight, self.qzeros, self.scales, self.g_idx, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // self.in_features
+        if x.is_cuda and rows <= TRITON_MAX_TOKENS and triton_available():
+            return self._forward_triton(x)
+        return nn.functional.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def _forward_triton(self, x: Tensor) -> Tensor:
+        from vexport.kernels.int4_matmul import int4_matmul
+
+        flat = x.reshape(-1, self.in_features)
+        out = int4_matmul(flat, self.qweight, self.qzeros, self.scales, self.g_idx, self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, groups={self.scales.shape[0]}, " \
+               f"bias={self.bias is not None}"
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether the fused kernel can run; without triton, CUDA uses dequantize + cuBLAS for every size."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def dequantize_packed(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, dtype: torch.dtype) -> Tensor:
+    """``dequantize_gptq_v1`` without its validation and int64 [O, I] temporaries (no host syncs on CUDA):
+    ``scales[g_idx[i], o] * (q[i, o] - zero[g_idx[i], o])`` in float32, returned [O, I] in ``dtype``. The v1
+    zero offset is added to the whole word; only bits 0..31 are read, so int64 sign bits never matter."""
+    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
+    codes = ((qweight[:, None, :] >> shifts[None, :, None]) & 0xF).reshape(-1, qweight.shape[1])  # [I, O]
+    words = qzeros.to(torch.int64) + V1_ZERO_OFFSET
+    zeros = ((words[:, :, None] >> shifts.long()) & 0xF).reshape(qzeros.shape[0], -1).to(torch.int32)  # [G, O]
+    groups = g_idx.long()
+    weight = (codes - zeros[groups]).to(torch.float32) * scales[groups].to(torch.float32)
+    return weight.T.to(dtype)
+
+
+class GPTQRunner:
+    """A GPTQ v1 checkpoint folder as a runner: ``logits(input_ids, attention_mask) -> [B, T, 1]``.
+
+    ``module`` is the transformers ``LlamaForTokenClassification`` with QuantLinear layers, so callers can run
+    ``module.model`` (the backbone) and ``module.score`` (the head) apart.
+    """
+
+    name = "gptq"
+
+    def __init__(self, folder: str | os.PathLike, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None):
+        from vexport.model import open_model
+
+        source = open_model(folder)
+        self.options = gptq_options(source.config, source.path / "config.json")
+        self.device = torch.device(device) if device is not None else \
+            torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.module = build_quantized_module(source, self.device, self.dtype).eval()
+        if self.device.type == "cuda" and not triton_available():
+            log.warning("triton is not installed: int4 matmuls dequantize then use cuBLAS at every batch size "
+                        "(pip install 'vexport[triton]' for the fused kernel)")
+        log.info("GPTQ int4 model from %s on %s (%s activations)", source.path, self.device, self.dtype)
+
+    @torch.inference_mode()
+    def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        ids, mask = input_ids.to(self.device), attention_mask.to(self.device)
+        out = self.module(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
+        return out.logits
+
+
+def build_quantized_module(source, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """LlamaForTokenClassification from the source config, QuantLinear layers, every tensor read once."""
+    from transformers import AutoModelForTokenClassification
+
+    config = source.config
+    with torch.device("meta"):
+        module = AutoModelForTokenClassification.from_config(config, dtype=dtype)
+    for i, layer in enumerate(module.model.layers):
+        for name in QUANTIZED_LINEARS:
+            _replace_linear(layer, name, source, f"model.layers.{i}.{name}", dtype)
+    state = {name: _read(source, name, device, dtype) for name in module.state_dict()}
+    module.load_state_dict(state, strict=True, assign=True)
+    _rebuild_rotary(module, device)
+    return module
+
+
+def _replace_linear(layer: nn.Module, name: str, source, prefix: str, dtype: torch.dtype) -> None:
+    parent_name, attr = name.split(".")
+    parent = getattr(layer, parent_name)
+    linear = getattr(parent, attr)
+    if f"{prefix}.qweight" not in source.tensors:
+        raise VexportError(f"{source.path} has no {prefix}.qweight: not a GPTQ checkpoint of every decoder Linear")
+    groups = source.tensors[f"{prefix}.scales"][2][0]
+    quant = QuantLinear(linear.in_features, linear.out_features, groups, linear.bias is not None, dtype, "meta")
+    setattr(parent, attr, quant)
+
+
+def _read(source, name: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+    if name not in source.tensors:
+        raise VexportError(f"{source.path} has no tensor {name}, which the model needs")
+    tensor = source.read_tensor(name)
+    keep = name.endswith((".qweight", ".qzeros", ".g_idx", ".scales")) or not tensor.is_floating_point()
+    return tensor.to(device=device, dtype=None if keep else dtype)
+
+
+def _rebuild_rotary(module: nn.Module, device: torch.device) -> None:
+    """The rotary tables are buffers computed from the config, not checkpoint tensors: build them for real."""
+    with torch.device("cpu"):  # computed on the CPU, as transformers does, then moved
+        rotary = type(module.model.rotary_emb)(config=module.config)
+    module.model.rotary_emb = rotary.to(device)
+    leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if leftover:
+        raise VexportError(f"GPTQ model tensors never loaded: {', '.join(leftover[:3])}")
+

@@ -1,0 +1,160 @@
+"""int4 ONNX: each decoder Linear of a GPTQ v1 checkpoint as ONNX Runtime's ``com.microsoft.MatMulNBits``.
+
+MatMulNBits computes ``Y = A @ dequant(B)^T (+ bias)`` with B quantized in blocks of ``block_size`` consecutive
+inputs (a power of two >= 16), ``dequant = (code - zero_point) * scale``:
+- ``B`` uint8 [N, n_blocks, block_size / 2]: two codes per byte along K, the first in the low nibble;
+- ``scales`` [N, n_blocks] in the activation dtype;
+- ``zero_points`` uint8 [N, ceil(n_blocks / 2)], packed like B, holding the TRUE zero point (GPTQ v1 stores
+  ``zero - 1``; ``unpack_gptq_v1`` undoes that before we repack);
+- n_blocks = ceil(K / block_size). When K is not a multiple of block_size, B's last block is padded with codes
+  equal to that block's zero point (so padded columns dequantize to exactly 0); the activations keep K columns.
+
+Blocks must not straddle GPTQ groups. The block size is the largest power of two (at most 128) that divides
+every group boundary, so group sizes 32/64/128 map one group to one block, larger or non-power-of-two groups
+(e.g. 96, 1024, -1) map to several blocks that repeat the group's scale and zero point.
+
+Act-order (``desc_act``): ``g_idx`` is not ``i // group_size``. MatMulNBits' own ``g_idx`` input is deprecated,
+and in ONNX Runtime 1.32 (CPU) it gives wrong results together with packed uint8 zero points. Instead the
+input columns are sorted by group (a stable argsort of ``g_idx``): the activations go through one ``Gather``
+along K (shared by the Linears that read the same tensor with the same order, e.g. q/k/v) and B is stored in
+the sorted order, where every group is a run of consecutive columns.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+
+from vexport.errors import VexportError
+from vexport.model import ModelSource
+from vexport.quant.checkpoint import gptq_options
+from vexport.quant.pack import unpack_gptq_v1
+
+log = logging.getLogger(__name__)
+
+CONTRIB_DOMAIN = "com.microsoft"
+MAX_BLOCK = 128  # MLAS' fast 4-bit kernels cover 16..256; 128 is the common GPTQ group size
+MIN_BLOCK = 16
+_NP_DTYPE = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """How one Linear's GPTQ groups map to MatMulNBits blocks."""
+
+    order: np.ndarray | None  # int64 [K]: input columns sorted by group (None: already in order)
+    block_size: int
+    block_group: np.ndarray  # int64 [n_blocks]: the GPTQ group of each block
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.block_group)
+
+
+def plan_blocks(g_idx: np.ndarray, where: str = "g_idx") -> BlockPlan:
+    """Sort columns by group, then pick the largest power-of-two block (<= 128) that splits no group."""
+    g_idx = np.asarray(g_idx, dtype=np.int64)
+    k = len(g_idx)
+    order = np.argsort(g_idx, kind="stable")
+    sorted_groups = g_idx[order]
+    boundaries = np.flatnonzero(np.diff(sorted_groups)) + 1  # first column of each group after the first
+    if len(boundaries):
+        common = math.gcd(*(int(x) for x in boundaries))
+        block = min(common & -common, MAX_BLOCK)  # the largest power of two dividing every boundary
+    else:
+        block = min(MAX_BLOCK, max(MIN_BLOCK, 1 << (k - 1).bit_length()))
+    if block < MIN_BLOCK:
+        raise VexportError(f"{where}: GPTQ groups start at column multiples of {common}, but MatMulNBits needs "
+                           f"blocks of a power of two >= {MIN_BLOCK} (use group size 32, 64 or 128)")
+    block_group = sorted_groups[:: block]
+    identity = bool((order == np.arange(k)).all())
+    return BlockPlan(None if identity else order, block, block_group)
+
+
+def matmul_nbits_tensors(packed: dict[str, torch.Tensor], plan: BlockPlan, dtype: str) -> dict[str, np.ndarray]:
+    """B, scales and zero_points of MatMulNBits from one Linear's GPTQ v1 tensors."""
+    qw = unpack_gptq_v1(packed)
+    codes, zeros = qw.q, qw.zeros.to(torch.uint8)  # [N, K], [G, N] true zero points
+    if plan.order is not None:
+        codes = codes[:, torch.from_numpy(plan.order)]
+    n, k = codes.shape
+    groups = torch.from_numpy(plan.block_group)
+    block_zeros = zeros[groups].T.contiguous()  # [N, n_blocks]
+    padded = block_zeros[:, -1:].repeat(1, plan.n_blocks * plan.block_size)  # padding codes = zero point
+    padded[:, :k] = codes
+    return {
+        "B": _pack_nibbles(padded).reshape(n, plan.n_blocks, plan.block_size // 2).numpy(),
+        "scales": qw.scales[groups].T.contiguous().numpy().astype(_NP_DTYPE[dtype]),
+        "zero_points": _pack_nibbles(block_zeros).numpy(),
+    }
+
+
+def _pack_nibbles(values: torch.Tensor) -> torch.Tensor:
+    """uint8 [R, C] codes (0..15) -> uint8 [R, ceil(C / 2)], element 2j in the low nibble of byte j."""
+    if values.shape[1] % 2:
+        values = torch.cat([values, torch.zeros_like(values[:, :1])], dim=1)
+    return values[:, 0::2] | (values[:, 1::2] << 4)
+
+
+class MatMulNBitsEmitter:
+    """A ``LinearEmitter`` for ``build_graph``: MatMulNBits over the GPTQ tensors of ``source``.
+
+    Build time reads only each Linear's ``g_idx`` (to plan blocks and act-order gathers); the packed weights
+    are converted when the writer streams them, one Linear at a time.
+    """
+
+    def __init__(self, source: ModelSource):
+        self.source = source
+        self.options = gptq_options(source.config, source.path / "config.json")
+        self.block_sizes: set[int] = set()
+        self._gathers: dict[tuple[str, bytes], str] = {}
+        self._cache: tuple[str, dict[str, np.ndarray]] | None = None
+
+    def __call__(self, b, x: str, prefix: str, name: str, bias: bool) -> str:
+        if f"{prefix}.qweight" not in self.source.tensors:
+            raise VexportError(f"{self.source.path} has no {prefix}.qweight: every decoder Linear must be GPTQ")
+        k, n = self.source.tensors[f"{prefix}.g_idx"][2][0], self.source.tensors[f"{prefix}.qweight"][2][1]
+        plan = plan_blocks(self.source.read_tensor(f"{prefix}.g_idx").numpy(), f"{self.source.path}: {prefix}")
+        self.block_sizes.add(plan.block_size)
+        if plan.order is not None:
+            x = self._gather(b, x, plan.order, prefix, name)
+        inputs = [x] + [b.weight(f"{name}_{part}", f"{prefix}.qweight", make=self._maker(prefix, plan, part, b.dtype))
+                        for part in ("B", "scales", "zero_points")]
+        if bias:
+            inputs += ["", b.weight(f"{name}_bias", f"{prefix}.bias")]  # "" is the deprecated g_idx input
+        return b.op("MatMulNBits", *inputs, domain=CONTRIB_DOMAIN, K=k, N=n, bits=4, block_size=plan.block_size)
+
+    def _gather(self, b, x: str, order: np.ndarray, prefix: str, name: str) -> str:
+        key = (x, order.tobytes())
+        if key not in self._gathers:
+            indices = b.weight(f"{name}_act_order", f"{prefix}.g_idx", make=lambda read, o=order: o)
+            self._gathers[key] = b.op("Gather", x, indices, axis=-1)
+        return self._gathers[key]
+
+    def _maker(self, prefix: str, plan: BlockPlan, part: str, dtype: str) -> Callable:
+        def make(read: Callable[[str], torch.Tensor]) -> np.ndarray:
+            if self._cache is None or self._cache[0] != prefix:
+                packed = {t: read(f"{prefix}.{t}") for t in ("qweight", "qzeros", "scales", "g_idx")}
+                self._cache = (prefix, matmul_nbits_tensors(packed, plan, dtype))
+            return self._cache[1][part]
+
+        return make
+
+    def format_options(self, dtype: str) -> dict:
+        """What the manifest records about the int4 graph."""
+        keys = ("bits", "group_size", "desc_act", "sym", "checkpoint_format")
+        return {"activation_dtype": dtype, **{k: self.options[k] for k in keys},
+                "matmul_nbits_block_sizes": sorted(self.block_sizes), "act_order_gathers": len(self._gathers)}
+
+
+def add_contrib_opset(model: onnx.ModelProto) -> None:
+    """Import the com.microsoft domain (MatMulNBits) next to the standard opset."""
+    if not any(op.domain == CONTRIB_DOMAIN for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
