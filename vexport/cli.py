@@ -23,6 +23,7 @@ err = Console(stderr=True)
 
 class Format(str, Enum):
     onnx = "onnx"
+    gptq = "gptq"
 
 
 class Dtype(str, Enum):
@@ -62,39 +63,70 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what
 @app.command()
 @_command
 def export(
-    model: Annotated[str, typer.Argument(help="Value model: a local folder or a hub id.")],
+    model: Annotated[str, typer.Argument(help="Value model: a local folder or a hub id (or a GPTQ folder for onnx).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Artifact folder to write.")],
     format: Annotated[Format, typer.Option("--format", "-f")] = Format.onnx,
-    dtype: Annotated[Dtype, typer.Option("--dtype")] = Dtype.float32,
+    dtype: Annotated[Dtype, typer.Option("--dtype", help="ONNX: weight/activation dtype.")] = Dtype.float32,
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle (.bin) weights.")] = False,
+    bits: Annotated[int, typer.Option("--bits", help="GPTQ: bits per weight (4).")] = 4,
+    group_size: Annotated[int, typer.Option("--group-size", help="GPTQ: group size, -1 per channel.")] = 128,
+    desc_act: Annotated[bool, typer.Option("--desc-act/--no-desc-act", help="GPTQ: act-order.")] = False,
+    sym: Annotated[bool, typer.Option("--sym/--no-sym", help="GPTQ: symmetric grid.")] = True,
+    value_calibration: Annotated[bool, typer.Option("--value-calibration/--no-value-calibration",
+                                                    help="GPTQ: refit the fp16 head on calibration text.")] = True,
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="GPTQ: calibration JSONL.")] = None,
+    samples: Annotated[int, typer.Option("--samples", help="GPTQ: calibration windows.")] = 128,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="GPTQ: tokens per window.")] = 512,
+    device: Annotated[Optional[str], typer.Option("--device", help="GPTQ: cuda or cpu.")] = None,
 ):
-    """Export MODEL to an artifact folder (graph + weights + config + tokenizer + manifest.json)."""
-    from vexport.export.onnx import export_onnx
+    """Export MODEL to an artifact folder (weights + config + tokenizer + manifest.json)."""
+    if format is Format.onnx:
+        from vexport.export.onnx import export_onnx
 
-    path = export_onnx(model, output, dtype.value, force=force, allow_pickle=allow_pickle, progress=True)
+        path = export_onnx(model, output, dtype.value, force=force, allow_pickle=allow_pickle, progress=True)
+    else:
+        from vexport.export.gptq import export_gptq
+        from vexport.quant.stream import GPTQOptions
+
+        options = GPTQOptions(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act)
+        path = export_gptq(model, output, options, value_calibration=value_calibration, calibration=calibration,
+                           samples=samples, seq_len=seq_len, device=device, force=force, allow_pickle=allow_pickle,
+                           progress=True)
     out.print(f"wrote {path}")
 
 
 @app.command()
 @_command
 def check(
-    artifact: Annotated[str, typer.Argument(help="Artifact folder (or any model vexport.load takes).")],
+    artifacts: Annotated[list[str], typer.Argument(
+        help="Artifact folders (or any model vexport.load takes); several are compared in one run.")],
     reference: Annotated[str, typer.Option("--reference", "-r", help="The original value model.")],
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="JSONL prompt groups.")] = None,
-    report: Annotated[Optional[Path], typer.Option("--report", help="Write a report: .json or .md")] = None,
+    report: Annotated[Optional[list[Path]], typer.Option(
+        "--report", help="Write a report: .json, .md or .html (repeat for several).")] = None,
     threshold: Annotated[Optional[list[str]], typer.Option("--threshold", help="Override, e.g. min_sqnr_db=50")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda if present)")] = None,
     batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Tokens per batch.")] = 4096,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds torch and the plotted token sample.")] = 0,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle")] = False,
 ):
-    """Compare ARTIFACT with the reference on real tokens. Exit 0: pass, 1: fail, 2: bad input."""
-    from vexport.checker import check as run_check
+    """Compare each ARTIFACT with the reference on real tokens; the reference runs once.
 
-    outcome = run_check(artifact, reference, prompts=prompts, thresholds=_overrides(threshold), device=device,
-                        batch_tokens=batch_tokens, report=report, allow_pickle=allow_pickle, progress=True)
-    _print_check(outcome)
-    raise typer.Exit(0 if outcome.result.passed else 1)
+    Exit 0: all pass, 1: any fails, 2: bad input.
+    """
+    from vexport.checker import check as check_one
+    from vexport.checker import check_many
+
+    options = dict(prompts=prompts, thresholds=_overrides(threshold), device=device, batch_tokens=batch_tokens,
+                   report=report, allow_pickle=allow_pickle, seed=seed, progress=True)
+    if len(artifacts) == 1:
+        outcome = check_one(artifacts[0], reference, **options)
+        _print_check(outcome)
+        raise typer.Exit(0 if outcome.result.passed else 1)
+    comparison = check_many(artifacts, reference, **options)
+    _print_comparison(comparison.report)
+    raise typer.Exit(0 if comparison.passed else 1)
 
 
 @app.command()
@@ -164,6 +196,31 @@ def _print_check(outcome) -> None:
     for failure in result.failures:
         out.print(f"[red]fail:[/] {failure}")
     out.print("[bold green]PASS[/]" if result.passed else "[bold red]FAIL[/]")
+
+
+_COMPARISON_COLUMNS = ("Artifact", "Dtype / bits", "Size on disk", "Load", "Throughput", "Per-token SQNR",
+                       "Max abs error", "Pearson", "Top-1 agreement", "Pairwise agreement", "Result")
+
+
+def _print_comparison(doc: dict) -> None:
+    from rich.text import Text
+
+    from vexport.report.summary import HEADER, summary_rows
+
+    ref = doc["reference"]
+    table = Table(title=f"{len(doc['artifacts'])} artifacts vs reference ({ref['description']})")
+    keep = [HEADER.index(name) for name in _COMPARISON_COLUMNS]
+    for index in keep:
+        table.add_column(HEADER[index])
+    for row in summary_rows(doc):
+        table.add_row(*(Text(row[i].text, style="red" if row[i].status == "fail" else "") for i in keep))
+    out.print(table)
+    out.print(f"{doc['evalset']['sequences']} sequences, {doc['evalset']['tokens']} tokens "
+              f"({doc['evalset']['name']} evaluation set), seed {doc['seed']}")
+    for entry in doc["artifacts"]:
+        for failure in entry["parity"]["failures"]:
+            out.print(f"[red]fail:[/] {entry['label']}: {failure}", highlight=False)
+    out.print("[bold green]PASS[/]" if doc["passed"] else "[bold red]FAIL[/]")
 
 
 def _fmt(value) -> str:

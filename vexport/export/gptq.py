@@ -1,0 +1,93 @@
+"""GPTQ int4 export: calibration → streaming GPTQ → value-aware head → standard GPTQ v1 checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from vexport.artifact import check_output, staging_dir
+from vexport.errors import VexportError
+from vexport.export.common import copy_support_files, value_io_spec, write_manifest
+from vexport.model import ModelSource, open_model
+from vexport.quant.stream import GPTQOptions, quantize_stream
+from vexport.quant.value_aware import Head, choose_and_fit, rms_norm
+
+log = logging.getLogger(__name__)
+
+
+def export_gptq(model: str | os.PathLike, output: str | os.PathLike, options: GPTQOptions = GPTQOptions(), *,
+                value_calibration: bool = True, calibration: str | os.PathLike | None = None, samples: int = 128,
+                seq_len: int = 512, seed: int = 0, device: str | None = None, force: bool = False,
+                allow_pickle: bool = False, progress: bool = False) -> Path:
+    """Quantize every decoder Linear of MODEL to int4 with GPTQ and write a GPTQ v1 checkpoint to OUTPUT."""
+    from vexport.calibration import calibration_samples
+    from vexport.quant.checkpoint import ShardWriter, gptq_quantization_config, write_gptq_config
+
+    output = Path(output)
+    check_output(output, force)
+    _check_options(options)
+    source = open_model(model, allow_pickle=allow_pickle)
+    if source.pickle:
+        raise VexportError(f"{source.path}: GPTQ export streams safetensors shards; convert the pickle weights first")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokens = calibration_samples(_tokenizer(source), path=calibration, samples=samples, seq_len=seq_len, seed=seed,
+                                 max_length=source.config.max_position_embeddings)
+    qconfig = gptq_quantization_config(options.bits, options.group_size, options.desc_act, options.sym)
+    with staging_dir(output, force) as tmp:
+        writer = ShardWriter(tmp)
+        stream = quantize_stream(source, tokens, options, writer.add, device=device,
+                                 keep_reference=value_calibration, progress=progress)
+        head, fit = _head(source, stream, tokens.shape[0], value_calibration)
+        writer.add(head)
+        writer.finish()
+        copy_support_files(source.path, tmp)
+        write_gptq_config(tmp, source.config, qconfig)
+        opts = {**qconfig, "weights": "model.safetensors.index.json", "damp_percent": options.damp_percent,
+                "calibration": {"source": str(calibration) if calibration else "builtin", "samples": samples,
+                                "seq_len": seq_len, "seed": seed, "digest": _digest(calibration)},
+                "value_calibration": fit, "seconds_per_layer": [round(s, 2) for s in stream.seconds_per_layer]}
+        write_manifest(tmp, "gptq", "int4", source, value_io_spec(), opts, progress)
+    return output
+
+
+def _digest(calibration) -> str:
+    """Fingerprint of the calibration text: the built-in corpus reads the running Python's standard library."""
+    from vexport.calibration import calibration_digest, calibration_texts
+
+    return calibration_digest(calibration_texts(calibration))
+
+
+def _check_options(options: GPTQOptions) -> None:
+    if options.bits != 4:
+        raise VexportError(f"--bits {options.bits} is not supported: GPTQ export writes 4-bit checkpoints")
+    if options.group_size != -1 and (options.group_size < 8 or options.group_size % 8):
+        raise VexportError(f"--group-size {options.group_size} must be -1 (per channel) or a multiple of 8")
+
+
+def _tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.path)
+    except Exception as exc:
+        raise VexportError(f"{source.path}: its tokenizer cannot be loaded ({type(exc).__name__}); "
+                           "calibration text needs it") from None
+
+
+def _head(source: ModelSource, stream, windows: int, value_calibration: bool) -> tuple[dict, dict]:
+    """Final norm and score head in float16; with value calibration, the head refit on calibration text."""
+    norm = source.read_tensor("model.norm.weight").float()
+    weight = source.read_tensor("score.weight").float()
+    bias = source.read_tensor("score.bias").float() if source.score_has_bias else torch.zeros(1)
+    head, fit = Head(weight, bias), {"enabled": value_calibration}
+    if value_calibration:
+        eps = source.config.rms_norm_eps
+        features = rms_norm(stream.hidden_quantized.float(), norm, eps).flatten(0, 1).cpu()
+        target = head.values(rms_norm(stream.hidden_reference.float(), norm, eps).flatten(0, 1).cpu())
+        head, mode, scores = choose_and_fit(features, target, head, windows)
+        fit.update({"head_fit": mode, "held_apart_calibration_sqnr_db": {k: round(v, 3) for k, v in scores.items()}})
+    tensors = {"model.norm.weight": norm.half(), "score.weight": head.weight.half(), "score.bias": head.bias.half()}
+    return tensors, fit

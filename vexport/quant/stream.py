@@ -1,0 +1,178 @@
+"""Streaming GPTQ over a value model: one decoder layer in memory at a time.
+
+The calibration hidden states walk through the model layer by layer. For each layer the weights are read
+from the safetensors shards, each Linear is quantized by GPTQ on the inputs it sees *in this forward pass*
+(a forward pre-hook quantizes it just before it runs, so q/k/v, then o, then gate/up, then down each see the
+outputs of the already-quantized modules before them), the layer's packed tensors are written out, and the
+layer is freed. Embeddings, norms and the score head stay in float16.
+
+With value-aware calibration a second stream runs the same layers unquantized, so the float reference's
+per-token values on the calibration text are known at the end (see quant/value_aware.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from vexport.model import ModelSource
+from vexport.progress import progress_bar
+from vexport.quant.gptq import GPTQQuantizer
+from vexport.quant.pack import pack_gptq_v1
+
+log = logging.getLogger(__name__)
+
+QUANTIZED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    desc_act: bool = False
+    damp_percent: float = 0.01
+    block_size: int = 128
+
+    def solver_kwargs(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym, "desc_act": self.desc_act,
+                "damp_percent": self.damp_percent, "block_size": self.block_size}
+
+
+@dataclass
+class StreamResult:
+    """What the pass leaves for the head: final hidden states (quantized and, if kept, float reference)."""
+
+    hidden_quantized: torch.Tensor  # [N, L, H] before the final norm
+    hidden_reference: torch.Tensor | None
+    seconds_per_layer: list[float] = field(default_factory=list)
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def load_layer(source: ModelSource, index: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """One LlamaDecoderLayer with its checkpoint weights, built without a random initialisation."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    prefix = f"model.layers.{index}."
+    with torch.device("meta"):
+        layer = LlamaDecoderLayer(source.config, index)
+    state = {name[len(prefix):]: source.read_tensor(name).to(dtype) for name in source.tensors
+             if name.startswith(prefix)}
+    layer.load_state_dict(state, strict=True, assign=True)
+    return layer.to(device).eval()
+
+
+def quantize_layer(layer: nn.Module, hidden: torch.Tensor, layer_kwargs: dict, options: GPTQOptions,
+                   batch: int) -> tuple[torch.Tensor, dict[str, dict[str, torch.Tensor]]]:
+    """GPTQ every decoder Linear of LAYER on its own inputs, in forward order; return the quantized output."""
+    packed: dict[str, dict[str, torch.Tensor]] = {}
+    quantizers = {name: GPTQQuantizer(layer.get_submodule(name).weight) for name in QUANTIZED}
+    # Pass 1..4: one sub-module group at a time, every calibration sample through the (partly quantized) layer.
+    for group in (QUANTIZED[:3], QUANTIZED[3:4], QUANTIZED[4:6], QUANTIZED[6:]):
+        hooks = [layer.get_submodule(n).register_forward_pre_hook(_collector(quantizers[n])) for n in group]
+        _run(layer, hidden, layer_kwargs, batch, stop_after=group[-1])
+        for hook in hooks:
+            hook.remove()
+        for name in group:
+            linear = layer.get_submodule(name)
+            qw = quantizers.pop(name).quantize(**options.solver_kwargs())
+            linear.weight.data = qw.dequantize(linear.weight.dtype)
+            packed[name] = pack_gptq_v1(qw)
+    return _run(layer, hidden, layer_kwargs, batch), packed
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the sub-modules of interest have seen their inputs."""
+
+
+def _collector(quantizer: GPTQQuantizer) -> Callable:
+    def hook(module, args):
+        quantizer.add_batch(args[0])
+
+    return hook
+
+
+def _run(layer: nn.Module, hidden: torch.Tensor, layer_kwargs: dict, batch: int,
+         stop_after: str | None = None) -> torch.Tensor:
+    """LAYER over HIDDEN in chunks of BATCH samples; with STOP_AFTER, end each chunk once that module ran."""
+    outputs = []
+    stopper = None
+    if stop_after is not None:
+        def stop(module, args, output):
+            raise _Stop
+
+        stopper = layer.get_submodule(stop_after).register_forward_hook(stop)
+    with torch.inference_mode():
+        for start in range(0, hidden.shape[0], batch):
+            try:
+                outputs.append(layer(hidden[start:start + batch], **layer_kwargs))
+            except _Stop:
+                continue
+    if stopper is not None:
+        stopper.remove()
+        return hidden
+    return torch.cat(outputs)
+
+
+def layer_kwargs(config, seq_len: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """Rotary tables for positions 0..L-1; attention is causal (SDPA, no mask: windows hold no padding)."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    positions = torch.arange(seq_len, device=device)[None]
+    probe = torch.zeros(1, seq_len, 1, device=device, dtype=dtype)
+    cos, sin = LlamaRotaryEmbedding(config).to(device)(probe, positions)
+    return {"attention_mask": None, "position_ids": positions, "position_embeddings": (cos, sin)}
+
+
+def quantize_stream(source: ModelSource, samples: torch.Tensor, options: GPTQOptions, write: Callable[[dict], None],
+                    *, device: str | torch.device = "cpu", keep_reference: bool = True, batch: int = 8,
+                    progress: bool = False) -> StreamResult:
+    """Quantize every decoder layer of SOURCE on SAMPLES [N, L]; WRITE receives each layer's tensors."""
+    device = torch.device(device)
+    dtype = compute_dtype(device)
+    config = source.config
+    config._attn_implementation = "sdpa"
+    embed = source.read_tensor("model.embed_tokens.weight")
+    write({"model.embed_tokens.weight": embed.half()})
+    hidden = nn.functional.embedding(samples, embed).to(device, dtype)
+    del embed
+    reference = hidden.clone() if keep_reference else None
+    kwargs = layer_kwargs(config, samples.shape[1], device, dtype)
+    result = StreamResult(hidden, reference)
+    with progress_bar("quantizing decoder layers", config.num_hidden_layers, progress) as advance:
+        for index in range(config.num_hidden_layers):
+            start = time.perf_counter()
+            layer = load_layer(source, index, device, dtype)
+            if reference is not None:
+                reference = _run(layer, reference, kwargs, batch)
+            hidden, packed = quantize_layer(layer, hidden, kwargs, options, batch)
+            write(_layer_tensors(index, layer, packed))
+            del layer
+            result.seconds_per_layer.append(time.perf_counter() - start)
+            log.info("layer %d quantized in %.1f s", index, result.seconds_per_layer[-1])
+            advance()
+    result.hidden_quantized, result.hidden_reference = hidden, reference
+    return result
+
+
+def _layer_tensors(index: int, layer: nn.Module, packed: dict[str, dict[str, torch.Tensor]]) -> dict:
+    prefix = f"model.layers.{index}."
+    tensors = {}
+    for name, parts in packed.items():
+        for part, tensor in parts.items():
+            tensors[f"{prefix}{name}.{part}"] = tensor.cpu().contiguous()
+        bias = layer.get_submodule(name).bias
+        if bias is not None:
+            tensors[f"{prefix}{name}.bias"] = bias.detach().half().cpu()
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        tensors[f"{prefix}{norm}.weight"] = layer.get_submodule(norm).weight.detach().half().cpu()
+    return tensors
