@@ -1,8 +1,9 @@
 """Interoperability, shown: GPTQModel's own pure-torch kernel reads vexport's GPTQ v1 checkpoints.
 
 For every quantized Linear of each checkpoint, the packed tensors are loaded into GPTQModel's
-``TorchQuantLinear`` (v1 → v2 zero-point conversion by GPTQModel's own function, as its loader does) and
-dequantized by GPTQModel; the result is compared with vexport's reader (``dequantize_gptq_v1``).
+``TorchLinear`` (its pure-torch kernel) (v1 → v2 zero-point conversion by GPTQModel's own function, as its loader does) and
+dequantized by GPTQModel in float16; the result is compared with vexport's reader (``dequantize_gptq_v1``)
+in float16, bit for bit.
 
 GPTQModel moves torch to a CUDA build, so run this in a separate virtual environment, never in CI:
 
@@ -34,19 +35,18 @@ def linears(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def gptqmodel_weight(parts: dict[str, torch.Tensor], qc: dict) -> torch.Tensor:
-    """[O, I] float32 as GPTQModel's TorchQuantLinear dequantizes it."""
-    from gptqmodel.nn_modules.qlinear.torch import TorchQuantLinear
+    """[O, I] float16, as GPTQModel's pure-torch kernel dequantizes it."""
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
     from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
 
     in_f, out_f = parts["g_idx"].numel(), parts["scales"].shape[1]
-    layer = TorchQuantLinear(bits=qc["bits"], group_size=qc["group_size"], sym=qc["sym"], desc_act=qc["desc_act"],
+    layer = TorchLinear(bits=qc["bits"], group_size=qc["group_size"], sym=qc["sym"], desc_act=qc["desc_act"],
                              in_features=in_f, out_features=out_f, bias=False)
     for name in ("qweight", "qzeros", "scales", "g_idx"):
         getattr(layer, name).data.copy_(parts[name])
     convert_gptq_v1_to_v2_format_module(layer, bits=qc["bits"], pack_dtype=torch.int32)
     layer.post_init()
-    weight = layer.dequantize_weight().float()  # [I, O]
-    return weight.T
+    return layer.dequantize_weight().T  # [O, I], in the scales' dtype (float16)
 
 
 def main(folders: list[str]) -> int:
@@ -54,7 +54,7 @@ def main(folders: list[str]) -> int:
     for folder in map(Path, folders):
         qc = json.loads((folder / "config.json").read_text())["quantization_config"]
         parts = linears(folder)
-        diffs = [float((gptqmodel_weight(p, qc) - dequantize_gptq_v1(p, torch.float32)).abs().max())
+        diffs = [float((gptqmodel_weight(p, qc) - dequantize_gptq_v1(p, torch.float16)).abs().max())
                  for p in parts.values()]
         worst = max(worst, max(diffs))
         print(f"{folder}: group {qc['group_size']}, sym {qc['sym']}, desc_act {qc['desc_act']}: {len(diffs)} Linears, "

@@ -88,7 +88,7 @@ def test_markdown_of_a_passing_report(tmp_path):
     assert "| max_abs_error |" in text
 
 
-@pytest.mark.parametrize("name", ["report.txt", "report", "report.html", "report.json.gz"])
+@pytest.mark.parametrize("name", ["report.txt", "report", "report.htm", "report.json.gz"])
 def test_bad_suffix_names_the_flag(tmp_path, name):
     with pytest.raises(VexportError, match=r"--report .*unsupported suffix"):
         write_report(tmp_path / name, _report())

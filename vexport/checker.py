@@ -1,24 +1,42 @@
-"""`vexport.check`: the same batches through the reference and the candidate, then parity on real tokens."""
+"""`vexport.check` and `vexport.check_many`: the same batches through the reference and every candidate.
+
+`check_many` loads and scores the reference once, then loads, times and scores each candidate in turn on
+the identical batches (one candidate in memory at a time), compares each with `parity.compare`, and builds
+one comparison report: per artifact its size on disk, load time, scoring throughput, every parity metric, the
+worst sequences and the data of its plots. `check` is the one-artifact form; its JSON and Markdown keep the
+one-artifact layout, its HTML is the comparison page.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import platform
+import shlex
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from hashlib import sha256
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+import torch
 
 from vexport import __version__
 from vexport.batching import pad_batch, token_budget_batches, unpad
+from vexport.errors import InputError, VexportError
 from vexport.evalset import EncodedSample, builtin_prompt_groups, encode_groups, read_prompt_groups
-from vexport.manifest import library_versions, now_iso
+from vexport.manifest import MANIFEST_NAME, library_versions, now_iso, read_manifest
 from vexport.parity import ParityResult, compare, thresholds_for, worst_sequences
 from vexport.progress import progress_bar
-from vexport.runtime import ValueModel, load
+from vexport.runtime import ValueModel, check_files, load
 
 log = logging.getLogger(__name__)
+
+WORST_K = 5  # worst sequences kept per artifact
+ReportPaths = str | os.PathLike | Sequence[str | os.PathLike] | None
+T = TypeVar("T")
 
 
 @dataclass
@@ -27,28 +45,145 @@ class CheckOutcome:
     report: dict[str, Any]
 
 
+@dataclass
+class ComparisonOutcome:
+    """One ParityResult per artifact, in the order given, and the comparison report dict."""
+
+    results: list[ParityResult]
+    report: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:
+        return all(result.passed for result in self.results)
+
+
+@dataclass
+class Scored:
+    """Per-sequence values of one model and the time its scoring took (after one warm-up batch)."""
+
+    values: list[np.ndarray]
+    seconds: float
+    warmup_seconds: float
+
+    def timing(self, samples: Sequence[EncodedSample], batches: Sequence[Sequence[int]]) -> dict[str, Any]:
+        tokens = sum(len(s.input_ids) for s in samples)
+        rate = (lambda n: n / self.seconds) if self.seconds > 0 else (lambda n: None)
+        return {"seconds": self.seconds, "warmup_seconds": self.warmup_seconds, "tokens": tokens,
+                "sequences": len(samples), "batches": len(batches), "tokens_per_second": rate(tokens),
+                "sequences_per_second": rate(len(samples))}
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every candidate of one comparison shares: the batches, the reference's values, the settings."""
+
+    samples: list[EncodedSample]
+    batches: list[list[int]]
+    pad_id: int
+    ref: ValueModel
+    ref_values: list[np.ndarray]
+    overrides: Mapping[str, float] | None
+    device: str | None
+    seed: int
+    record: dict[str, Any] | None
+    progress: bool
+
+
 def check(artifact: str | os.PathLike, reference: str | os.PathLike, *, prompts: str | os.PathLike | None = None,
           thresholds: dict[str, float] | None = None, device: str | None = None, batch_tokens: int = 4096,
-          report: str | os.PathLike | None = None, record: bool = True, allow_pickle: bool = False,
+          report: ReportPaths = None, record: bool = True, allow_pickle: bool = False, seed: int = 0,
           progress: bool = False) -> CheckOutcome:
-    """Compare ARTIFACT against the REFERENCE model; write REPORT (.json/.md) and the manifest's parity summary."""
-    candidate = load(artifact, device=device)
-    ref = load(reference, device=device, allow_pickle=allow_pickle)
-    groups, evalset = (read_prompt_groups(prompts), str(prompts)) if prompts else (builtin_prompt_groups(), "builtin")
-    samples = encode_groups(candidate.tokenizer, groups, max_length=candidate.config.max_position_embeddings)
-    ref_values, cand_values = run_pair(ref, candidate, samples, batch_tokens, progress)
-    limits = thresholds_for(candidate.format, _compared_precision(ref, candidate), thresholds)
-    result = compare(ref_values, cand_values, [s.group for s in samples], limits)
-    doc = _report(candidate, ref, reference, samples, evalset, len(groups), result, ref_values, cand_values)
-    if report:
-        from vexport.report import write_report
+    """Compare ARTIFACT against the REFERENCE model; write REPORT and the manifest's parity summary.
 
-        write_report(report, doc)
-    if record and candidate.manifest is not None:
-        candidate.manifest.parity = {**result.summary(), "reference": doc["reference"], "evalset": evalset,
-                                     "checked": doc["created"]}
+    REPORT is one path or several: .json and .md get the one-artifact report, .html the comparison page.
+    """
+    outcome = check_many([artifact], reference, prompts=prompts, thresholds=thresholds, device=device,
+                         batch_tokens=batch_tokens, record=record, allow_pickle=allow_pickle, seed=seed,
+                         progress=progress)
+    single = single_report(outcome.report)
+    write_reports(report, outcome.report, single=single)
+    return CheckOutcome(outcome.results[0], single)
+
+
+def check_many(artifacts: Sequence[str | os.PathLike], reference: str | os.PathLike, *,
+               prompts: str | os.PathLike | None = None, thresholds: dict[str, float] | None = None,
+               device: str | None = None, batch_tokens: int = 4096, report: ReportPaths = None,
+               record: bool = True, allow_pickle: bool = False, seed: int = 0,
+               progress: bool = False) -> ComparisonOutcome:
+    """Compare every ARTIFACT with REFERENCE on the same batches; the reference is loaded and run once.
+
+    Every artifact is opened and its tokenizer checked before the reference runs, so bad input fails fast.
+    REPORT (.json, .md, .html; one path or several) gets the comparison report; with `record` each
+    artifact's manifest.json keeps its parity summary. `seed` seeds torch and the plots' token sample
+    (scoring itself draws no random numbers).
+    """
+    if not artifacts:
+        raise InputError("give at least one artifact to check")
+    report_paths(report)  # a bad --report fails before any work
+    created = now_iso()
+    torch.manual_seed(seed)
+    groups, evalset = (read_prompt_groups(prompts), str(prompts)) if prompts else (builtin_prompt_groups(), "builtin")
+    samples = _encode_all(artifacts, groups, allow_pickle)
+    batches = token_budget_batches([len(s.input_ids) for s in samples], batch_tokens)
+    ref, ref_load = _timed(lambda: load(reference, device=device, allow_pickle=allow_pickle))
+    ref_scored = score(ref, samples, batches, _pad_id(ref), progress, "reference")
+    settings = _settings(evalset, len(groups), samples, batch_tokens, seed, thresholds)
+    stamp = {"reference": _reference_identity(reference, ref), "evalset": evalset, "checked": created}
+    run = _Run(samples, batches, _pad_id(ref), ref, ref_scored.values, thresholds, device, seed,
+               stamp if record else None, progress)
+    entries, results = [], []
+    for label, artifact in zip(artifact_labels(artifacts), artifacts):
+        entry, result = _check_one(run, label, artifact)
+        entries.append(entry)
+        results.append(result)
+    ref_entry = _reference_entry(reference, ref, ref_load, ref_scored.timing(samples, batches))
+    doc = _comparison_report(created, artifacts, ref_entry, settings, entries, device=ref.device)
+    _validate(doc)
+    write_reports(report, doc)
+    return ComparisonOutcome(results, doc)
+
+
+def _check_one(run: _Run, label: str, artifact: str | os.PathLike) -> tuple[dict[str, Any], ParityResult]:
+    """Load, time and score one candidate, compare it with the reference, record the summary."""
+    from vexport.report.figures import figure_data
+
+    candidate, load_seconds = _timed(lambda: load(artifact, device=run.device))
+    scored = score(candidate, run.samples, run.batches, run.pad_id, run.progress, label)
+    limits = thresholds_for(candidate.format, _compared_precision(run.ref, candidate), run.overrides)
+    result = compare(run.ref_values, scored.values, [s.group for s in run.samples], limits)
+    entry = {
+        **_describe(label, candidate),
+        "load_seconds": load_seconds,
+        "scoring": scored.timing(run.samples, run.batches),
+        "parity": result.to_dict(),
+        "worst": worst_rows(run.samples, run.ref_values, scored.values),
+        "figures": figure_data(run.ref_values, scored.values, seed=run.seed),
+    }
+    if run.record is not None and candidate.manifest is not None:
+        candidate.manifest.parity = {**result.summary(), **run.record}
         candidate.manifest.write(Path(artifact))
-    return CheckOutcome(result, doc)
+    return entry, result
+
+
+def score(model: ValueModel, samples: Sequence[EncodedSample], batches: Sequence[Sequence[int]], pad_id: int,
+          progress: bool = False, label: str = "model") -> Scored:
+    """Per-sequence values of MODEL on BATCHES (right-padded), in sample order, and the seconds they took.
+
+    The first batch is run once before timing: lazy initialisation (sessions, kernels) is not scoring.
+    The timing includes the copy of the values to the host, which waits for a GPU to finish.
+    """
+    out: list = [None] * len(samples)
+    padded = [pad_batch([samples[i].input_ids for i in batch], pad_id) for batch in batches]
+    _, warmup = _timed(lambda: unpad(model.values(*padded[0]), padded[0][1]))
+    seconds = 0.0
+    with progress_bar(f"scoring {label}", len(samples), progress) as advance:
+        for batch, (ids, mask) in zip(batches, padded):
+            rows, elapsed = _timed(lambda: unpad(model.values(ids, mask), mask))
+            seconds += elapsed
+            for i, row in zip(batch, rows):
+                out[i] = row
+            advance(len(batch))
+    return Scored(out, seconds, warmup)
 
 
 def run_pair(ref: ValueModel, candidate: ValueModel, samples: list[EncodedSample], batch_tokens: int,
@@ -68,6 +203,61 @@ def run_pair(ref: ValueModel, candidate: ValueModel, samples: list[EncodedSample
     return ref_out, cand_out
 
 
+def _timed(work: Callable[[], T]) -> tuple[T, float]:
+    start = time.perf_counter()
+    result = work()
+    return result, time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def _encode_all(artifacts: Sequence[str | os.PathLike], groups, allow_pickle: bool) -> list[EncodedSample]:
+    """The evaluation set as the first artifact's tokenizer encodes it; every other one must agree."""
+    samples: list[EncodedSample] | None = None
+    for artifact in artifacts:
+        tokenizer, max_length = _tokenizer_of(artifact, allow_pickle)
+        encoded = encode_groups(tokenizer, groups, max_length=max_length)
+        if samples is None:
+            samples = encoded
+        elif [s.input_ids for s in encoded] != [s.input_ids for s in samples]:
+            raise InputError(f"{artifact} tokenizes the evaluation set differently from {artifacts[0]}: "
+                             "compare artifacts of one model")
+    assert samples is not None
+    return samples
+
+
+def _tokenizer_of(artifact: str | os.PathLike, allow_pickle: bool) -> tuple[Any, int | None]:
+    """The tokenizer and max_position_embeddings of an artifact folder or model, checked before any scoring."""
+    from transformers import AutoTokenizer
+
+    from vexport.model import load_config, open_model
+
+    path = Path(artifact).expanduser()
+    if path.is_dir() and (path / MANIFEST_NAME).is_file():
+        check_files(path, read_manifest(path))
+        config = load_config(path)
+    else:
+        source = open_model(artifact, allow_pickle=allow_pickle)
+        path, config = source.path, source.config
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # transformers raises many types for a broken tokenizer
+        raise VexportError(f"{path}: its tokenizer cannot be loaded ({type(exc).__name__})") from None
+    return tokenizer, getattr(config, "max_position_embeddings", None)
+
+
+def artifact_labels(artifacts: Sequence[str | os.PathLike]) -> list[str]:
+    """A short name per artifact (its folder name), made unique with '#2', '#3' ... when names repeat."""
+    labels: list[str] = []
+    for artifact in artifacts:
+        base = Path(artifact).name or str(artifact)
+        label, n = base, 1
+        while label in labels:
+            n += 1
+            label = f"{base} #{n}"
+        labels.append(label)
+    return labels
+
+
 def _compared_precision(ref: ValueModel, candidate: ValueModel) -> str:
     """An fp32 export checked against the fp16 CUDA reference can only be held to fp16 limits."""
     if ref.precision == "float16" and candidate.precision == "float32":
@@ -82,20 +272,148 @@ def _pad_id(model: ValueModel) -> int:
     return int(pad) if pad is not None else 0
 
 
-def _report(candidate: ValueModel, ref: ValueModel, reference, samples, evalset: str, num_groups: int,
-            result: ParityResult, ref_values, cand_values) -> dict[str, Any]:
-    worst = worst_sequences(ref_values, cand_values, 5)
+# ----------------------------------------------------------------------------------------- report
+def _describe(label: str, model: ValueModel) -> dict[str, Any]:
+    """What the artifact is: format, precision, bits, group size, backend, device, size on disk, export options."""
+    options = dict(model.manifest.format_options) if model.manifest else {}
+    bits = options.get("bits") or {"float32": 32, "float16": 16, "bfloat16": 16}.get(model.precision)
+    export = {k: v for k, v in options.items() if k not in ("operator_counts", "seconds_per_layer")}
+    return {"label": label, "path": str(model.path), "format": model.format, "precision": model.precision,
+            "bits": bits, "group_size": options.get("group_size"), "backend": model.runner.name,
+            "device": str(model.device), "size_bytes": folder_size(model.path), "export": export}
+
+
+def folder_size(path: Path) -> int | None:
+    """Bytes of every file under PATH (None when PATH is not a local folder)."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _reference_identity(reference: str | os.PathLike, ref: ValueModel) -> dict[str, str]:
+    return {"model": str(reference), "backend": ref.runner.name, "device": str(ref.device), "dtype": ref.precision}
+
+
+def _reference_entry(reference, ref: ValueModel, load_seconds: float, timing: dict[str, Any]) -> dict[str, Any]:
+    where = "CUDA" if ref.device.type == "cuda" else ref.device.type.upper()
+    if ref.device.index is not None:
+        where += f" {ref.device.index}"
+    return {**_reference_identity(reference, ref), "path": str(ref.path), "size_bytes": folder_size(ref.path),
+            "load_seconds": load_seconds, "scoring": timing,
+            "description": f"{ref.runner.name} {ref.precision} on {where}"}
+
+
+def worst_rows(samples: Sequence[EncodedSample], ref_values: Sequence[np.ndarray],
+               cand_values: Sequence[np.ndarray], k: int = WORST_K) -> list[dict[str, Any]]:
+    """The k sequences with the largest max |error|: where it is, the final values and the text."""
+    rows = []
+    for index, error in worst_sequences(ref_values, cand_values, k):
+        ref, cand = ref_values[index], cand_values[index]
+        diff = np.abs(cand.astype(np.float64) - ref)
+        sample = samples[index]
+        rows.append({"index": index, "group": sample.group, "response": sample.response, "tokens": len(ref),
+                     "max_abs_error": error, "position": int(np.argmax(np.where(np.isnan(diff), np.inf, diff))),
+                     "reference_final": float(ref[-1]), "candidate_final": float(cand[-1]),
+                     "group_order_kept": _group_order_kept(samples, ref_values, cand_values, sample.group),
+                     "text": sample.text})
+    return rows
+
+
+def _group_order_kept(samples, ref_values, cand_values, group: int) -> bool:
+    """Whether the candidate orders the responses of GROUP (by final value) as the reference does."""
+    members = [i for i, s in enumerate(samples) if s.group == group]
+    ref = np.array([ref_values[i][-1] for i in members])
+    cand = np.array([cand_values[i][-1] for i in members])
+    return bool(np.array_equal(np.argsort(-ref, kind="stable"), np.argsort(-cand, kind="stable")))
+
+
+def _settings(evalset: str, num_groups: int, samples: Sequence[EncodedSample], batch_tokens: int, seed: int,
+              thresholds: Mapping[str, float] | None) -> dict[str, Any]:
+    digest = sha256("\n\0".join(s.text for s in samples).encode("utf-8")).hexdigest()[:16]
+    return {"evalset": {"name": evalset, "groups": num_groups, "sequences": len(samples),
+                        "tokens": int(sum(len(s.input_ids) for s in samples)), "digest": digest},
+            "batch_tokens": batch_tokens, "seed": seed, "threshold_overrides": dict(thresholds or {})}
+
+
+def _comparison_report(created: str, artifacts: Sequence, ref_entry: dict[str, Any], settings: dict[str, Any],
+                       entries: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
     return {
         "vexport_version": __version__,
-        "created": now_iso(),
-        "artifact": {"path": str(candidate.path), "format": candidate.format, "precision": candidate.precision,
-                     "backend": candidate.runner.name, "device": str(candidate.device)},
-        "reference": {"model": str(reference), "backend": ref.runner.name, "device": str(ref.device),
-                      "dtype": ref.precision},
-        "evalset": {"name": evalset, "groups": num_groups, "sequences": len(samples),
-                    "tokens": int(sum(len(s.input_ids) for s in samples))},
-        "seed": None,
-        "environment": library_versions(),
-        "parity": result.to_dict(),
-        "worst": [{"index": i, "max_abs_error": err, "text": samples[i].text} for i, err in worst],
+        "created": created,
+        "reference": ref_entry,
+        "evalset": settings["evalset"],
+        "seed": settings["seed"],
+        "batch_tokens": settings["batch_tokens"],
+        "threshold_overrides": settings["threshold_overrides"],
+        "command": _command(artifacts, ref_entry["model"], settings, device),
+        "environment": environment(device),
+        "passed": all(e["parity"]["passed"] for e in entries),
+        "artifacts": entries,
     }
+
+
+def _command(artifacts: Sequence, reference: str, settings: dict[str, Any], device: torch.device) -> str:
+    """The `vexport check` line that repeats this comparison."""
+    words = ["vexport", "check", *map(str, artifacts), "--reference", reference]
+    if settings["evalset"]["name"] != "builtin":
+        words += ["--prompts", settings["evalset"]["name"]]
+    words += ["--device", device.type, "--batch-tokens", str(settings["batch_tokens"]), "--seed", str(settings["seed"])]
+    for key, value in settings["threshold_overrides"].items():
+        words += ["--threshold", f"{key}={value:g}"]
+    return shlex.join(words)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """The machine and library versions a comparison ran with."""
+    import numpy
+
+    return {"device": device_name(device), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), **library_versions(), "numpy": numpy.__version__}
+
+
+def device_name(device: torch.device) -> str:
+    """'cuda: NVIDIA H100 80GB HBM3' or 'cpu: <model name> (N logical cores)'."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    model = platform.processor() or platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{device.type}: {model} ({os.cpu_count()} logical cores)"
+
+
+def single_report(comparison: Mapping[str, Any]) -> dict[str, Any]:
+    """The one-artifact report (the layout of `vexport check DIR --report r.json`) of a one-artifact comparison."""
+    entry = comparison["artifacts"][0]
+    keys = ("vexport_version", "created", "reference", "evalset", "seed", "environment")
+    return {**{k: comparison[k] for k in keys},
+            "artifact": {k: entry[k] for k in ("path", "format", "precision", "backend", "device")},
+            "parity": entry["parity"], "worst": [{k: w[k] for k in ("index", "max_abs_error", "text")}
+                                                 for w in entry["worst"]]}
+
+
+def _validate(doc: Mapping[str, Any]) -> None:
+    from vexport.report.schema import validate_report
+
+    validate_report(doc)
+
+
+def report_paths(paths: ReportPaths) -> list[Path]:
+    """REPORT as a list of paths, each checked (a known suffix, not a folder)."""
+    from vexport.report import check_report_path
+
+    if paths is None:
+        return []
+    return [check_report_path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+
+
+def write_reports(paths: ReportPaths, comparison: Mapping[str, Any], single: Mapping[str, Any] | None = None) -> None:
+    """Write every report path: HTML always gets the comparison; JSON/Markdown get SINGLE when given."""
+    from vexport.report import write_report
+
+    for path in report_paths(paths):
+        html = path.suffix.lower() == ".html"
+        write_report(path, comparison if single is None or html else single)

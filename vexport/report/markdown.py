@@ -1,8 +1,10 @@
 """The Markdown report: a human-readable page over the same report dict as the JSON report.
 
-Sections: title with the verdict, what was compared (candidate, reference, evaluation set), the checks
+One artifact: title with the verdict, what was compared (candidate, reference, evaluation set), the checks
 table (metric, value, threshold, PASS/FAIL), other measurements, failures, notes, worst sequences and the
-environment. Plain string building: each section is one small function returning its lines.
+environment. A comparison (a report with `artifacts`): what was compared and how to repeat it, the summary
+table (one row per artifact, as on the HTML page; failing cells marked ✗), the thresholds used, failures
+and the environment. Plain string building: each section is one small function returning its lines.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from vexport.report.json import to_jsonable
+from vexport.report.summary import HEADER, summary_rows
 
 TEXT_WIDTH = 80  # characters of a worst sequence's text shown in the table
 _OPS = {">=": "≥", "<=": "≤", "==": "="}
@@ -31,6 +34,8 @@ _OTHER_METRICS = (
 def render_markdown(report: Mapping[str, Any]) -> str:
     """The report as Markdown text ending in a newline."""
     data = to_jsonable(report)
+    if "artifacts" in data:
+        return _render_comparison(data)
     parity = data.get("parity", {})
     sections = [
         _title(data, parity),
@@ -126,3 +131,60 @@ def _key_values(heading: str, values: Mapping[str, Any]) -> list[str]:
     if not values:
         return []
     return [f"## {heading}", "", *_table(["Name", "Value"], sorted(values.items()))]
+
+
+# -------------------------------------------------------------------------------------- comparison
+_THRESHOLD_COLUMNS = (("min_sqnr_db", "min SQNR (dB)"), ("max_abs_error", "max abs error"),
+                      ("min_pearson", "min Pearson"), ("min_spearman", "min Spearman"),
+                      ("min_top1_agreement", "min top-1"), ("min_pairwise_agreement", "min pairwise"))
+
+
+def _render_comparison(data: Mapping[str, Any]) -> str:
+    sections = [
+        _comparison_title(data),
+        _summary(data),
+        _thresholds(data.get("artifacts", [])),
+        _artifact_failures(data.get("artifacts", [])),
+        _key_values("Environment", data.get("environment", {})),
+    ]
+    return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
+
+
+def _comparison_title(data: Mapping[str, Any]) -> list[str]:
+    ref, ev = data.get("reference", {}), data.get("evalset", {})
+    count = len(data.get("artifacts", []))
+    return [
+        f"# vexport parity comparison: {'PASS' if data.get('passed') else 'FAIL'} "
+        f"({count} artifact{'s' if count != 1 else ''})",
+        "",
+        f"Reference: `{_fmt(ref.get('model'))}`, {_fmt(ref.get('description'))}.",
+        f"Evaluation set: `{_fmt(ev.get('name'))}`: {_fmt(ev.get('groups'))} prompt groups, "
+        f"{_fmt(ev.get('sequences'))} sequences, {_fmt(ev.get('tokens'))} tokens (digest {_fmt(ev.get('digest'))}). "
+        f"Seed: {_fmt(data.get('seed'))}. Batches of at most {_fmt(data.get('batch_tokens'))} tokens.",
+        f"Device: {_fmt(data.get('environment', {}).get('device'))}. "
+        f"Created {_fmt(data.get('created'))} by vexport {_fmt(data.get('vexport_version'))}.",
+        "",
+        "Repeat it with:",
+        "",
+        "```bash",
+        str(data.get("command", "")),
+        "```",
+    ]
+
+
+def _summary(data: Mapping[str, Any]) -> list[str]:
+    rows = [[f"{c.text} ✗" if c.status == "fail" else c.text for c in row] for row in summary_rows(data)]
+    note = ("Size on disk: every file of the folder. Load: seconds to load. Throughput: real tokens per second "
+            "scoring the evaluation set in this run, after one warm-up batch.")
+    return ["## Summary", "", *_table(HEADER, rows), "", note]
+
+
+def _thresholds(artifacts: Sequence[Mapping[str, Any]]) -> list[str]:
+    rows = [[a.get("label"), *(a["parity"]["thresholds"].get(key) for key, _ in _THRESHOLD_COLUMNS)]
+            for a in artifacts]
+    return ["## Thresholds", "", *_table(["Artifact", *(name for _, name in _THRESHOLD_COLUMNS)], rows)]
+
+
+def _artifact_failures(artifacts: Sequence[Mapping[str, Any]]) -> list[str]:
+    items = [f"{a.get('label')}: {message}" for a in artifacts for message in a["parity"].get("failures", [])]
+    return _bullets("Failures", items, empty="None.")
