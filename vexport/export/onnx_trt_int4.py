@@ -1,0 +1,162 @@
+"""int4 for TensorRT: each decoder Linear of a GPTQ v1 checkpoint as a blocked ``DequantizeLinear`` + ``MatMul``.
+
+This is the form TensorRT documents for weight-only int4 (explicit quantization, strongly typed network):
+an INT4 weight initializer ``[K, N]`` (two codes per byte, the first element in the low nibble), fp16 scales
+``[K / block, N]`` and ``DequantizeLinear(axis=0, block_size=block)`` (ONNX opset 21) feeding a ``MatMul``.
+
+TensorRT's IDequantizeLayer accepts only zero zero-points (symmetric int4 in [-8, 7]), so the GPTQ codes
+``q`` in [0, 15] are stored as ``q - 8`` and the zero point moves out of the dequantization::
+
+    W = (q - z) * s = (q - 8) * s + (8 - z) * s
+    x @ W = x @ DQ(q - 8, s) + blocksum(x) @ c,    c[b, n] = (8 - z[b, n]) * s[b, n]
+
+For a symmetric checkpoint (every ``z == 8``) the correction term is absent and the graph is exactly the
+documented form. For an asymmetric one, ``blocksum(x)`` is a Reshape to ``[B, T, K / block, block]`` and a
+ReduceSum; the correction is a small ``[K / block, N]`` MatMul.
+
+Blocks and act-order follow export/onnx_int4.py (``plan_blocks``): input columns are sorted by group with one
+``Gather`` on the activations, a block never straddles a group, and here the block also divides K.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from onnx import TensorProto
+
+from vexport.errors import VexportError
+from vexport.export.onnx_int4 import BlockPlan, plan_blocks
+from vexport.model import ModelSource
+from vexport.quant.checkpoint import gptq_options
+from vexport.quant.pack import unpack_gptq_v1
+
+log = logging.getLogger(__name__)
+
+SIGNED_OFFSET = 8  # GPTQ codes 0..15 become TensorRT's symmetric int4 -8..7
+_NP_DTYPE = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass(frozen=True)
+class PackedInt4:
+    """A signed INT4 tensor as ONNX stores it: ``data`` uint8, two elements per byte (low nibble first)."""
+
+    data: np.ndarray
+    shape: tuple[int, ...]
+    data_type: int = TensorProto.INT4
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+
+def pack_int4(values: np.ndarray) -> PackedInt4:
+    """int8 values in [-8, 7] -> ONNX INT4 packing of the row-major flattened tensor."""
+    if values.size and (values.min() < -8 or values.max() > 7):
+        raise VexportError("int4 values must lie in [-8, 7]")
+    flat = (values.reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    return PackedInt4(flat[0::2] | (flat[1::2] << 4), tuple(values.shape))
+
+
+def unpack_int4(packed: PackedInt4) -> np.ndarray:
+    """The int8 values back (the reference for tests)."""
+    nibbles = np.stack([packed.data & 0xF, packed.data >> 4], axis=1).reshape(-1)[: math.prod(packed.shape)]
+    return ((nibbles.astype(np.int8) ^ 8) - 8).reshape(packed.shape)  # sign extension: 0..7 stay, 8..15 become -8..-1
+
+
+def trt_block_plan(g_idx: np.ndarray, where: str) -> BlockPlan:
+    """``plan_blocks``, with the block also dividing K (the zero-point correction reshapes K into blocks)."""
+    plan = plan_blocks(g_idx, where)
+    block = math.gcd(plan.block_size, len(g_idx))
+    if block == plan.block_size:
+        return plan
+    sorted_groups = np.sort(np.asarray(g_idx, dtype=np.int64), kind="stable")
+    return BlockPlan(plan.order, block, sorted_groups[::block])
+
+
+def blocked_int4_tensors(packed: dict[str, torch.Tensor], plan: BlockPlan, dtype: str) -> dict:
+    """Codes (INT4 [K, N]), scales [K / block, N] and the zero-point correction [K / block, N]."""
+    qw = unpack_gptq_v1(packed)
+    codes = qw.q if plan.order is None else qw.q[:, torch.from_numpy(plan.order)]
+    groups = torch.from_numpy(plan.block_group)
+    scales, zeros = qw.scales[groups], qw.zeros[groups].float()  # [n_blocks, N], float32
+    if bool((scales < 0).any()):
+        raise VexportError("GPTQ scales must not be negative (TensorRT needs strictly positive scales)")
+    tiny = np.float16(2.0 ** -24) if dtype == "float16" else np.float32(1e-30)
+    return {
+        "codes": pack_int4(codes.T.numpy().astype(np.int8) - SIGNED_OFFSET),
+        # a zero scale (an all-equal group) becomes the smallest positive value: its codes dequantize to ~0
+        "scales": np.maximum(scales.numpy().astype(_NP_DTYPE[dtype]), tiny),
+        "correction": ((SIGNED_OFFSET - zeros) * scales).numpy().astype(_NP_DTYPE[dtype]),
+    }
+
+
+class BlockedDequantEmitter:
+    """A ``LinearEmitter`` for ``build_graph``: blocked INT4 ``DequantizeLinear`` + ``MatMul`` over GPTQ tensors."""
+
+    def __init__(self, source: ModelSource):
+        self.source = source
+        self.options = gptq_options(source.config, source.path / "config.json")
+        self.block_sizes: set[int] = set()
+        self.corrections = 0
+        self._gathers: dict[tuple[str, bytes], str] = {}
+        self._cache: tuple[str, dict] | None = None
+
+    def __call__(self, b, x: str, prefix: str, name: str, bias: bool) -> str:
+        if f"{prefix}.qweight" not in self.source.tensors:
+            raise VexportError(f"{self.source.path} has no {prefix}.qweight: every decoder Linear must be GPTQ")
+        plan = trt_block_plan(self.source.read_tensor(f"{prefix}.g_idx").numpy(), f"{self.source.path}: {prefix}")
+        self.block_sizes.add(plan.block_size)
+        if plan.order is not None:
+            x = self._gather(b, x, plan.order, prefix, name)
+        codes = b.weight(f"{name}_int4", f"{prefix}.qweight", make=self._maker(prefix, plan, "codes", b.dtype))
+        scales = b.weight(f"{name}_scales", f"{prefix}.scales", make=self._maker(prefix, plan, "scales", b.dtype))
+        y = b.op("MatMul", x, b.op("DequantizeLinear", codes, scales, axis=0, block_size=plan.block_size))
+        if not self.options["sym"]:
+            y = b.op("Add", y, self._correction(b, x, prefix, name, plan))
+        return b.op("Add", y, b.weight(f"{name}_bias", f"{prefix}.bias")) if bias else y
+
+    def _correction(self, b, x: str, prefix: str, name: str, plan: BlockPlan) -> str:
+        """blocksum(x) @ c: the zero points of an asymmetric checkpoint, outside the dequantization."""
+        self.corrections += 1
+        shape = b.const(f"blocks_{plan.n_blocks}x{plan.block_size}",
+                        np.array([0, 0, plan.n_blocks, plan.block_size], np.int64))
+        sums = b.op("ReduceSum", b.op("Reshape", x, shape), b.const("axes_last", np.array([-1], np.int64)),
+                    keepdims=0)
+        table = b.weight(f"{name}_zero_correction", f"{prefix}.qzeros",
+                         make=self._maker(prefix, plan, "correction", b.dtype))
+        return b.op("MatMul", sums, table)
+
+    def _gather(self, b, x: str, order: np.ndarray, prefix: str, name: str) -> str:
+        key = (x, order.tobytes())
+        if key not in self._gathers:
+            indices = b.weight(f"{name}_act_order", f"{prefix}.g_idx", make=lambda read, o=order: o)
+            self._gathers[key] = b.op("Gather", x, indices, axis=-1)
+        return self._gathers[key]
+
+    def _maker(self, prefix: str, plan: BlockPlan, part: str, dtype: str) -> Callable:
+        def make(read: Callable[[str], torch.Tensor]):
+            if self._cache is None or self._cache[0] != prefix:
+                packed = {t: read(f"{prefix}.{t}") for t in ("qweight", "qzeros", "scales", "g_idx")}
+                self._cache = (prefix, blocked_int4_tensors(packed, plan, dtype))
+                self._check_sym(prefix)
+            return self._cache[1][part]
+
+        return make
+
+    def _check_sym(self, prefix: str) -> None:
+        if self.options["sym"] and bool(np.any(self._cache[1]["correction"])):
+            raise VexportError(f"{self.source.path}: {prefix} has zero points other than 8, but its config says "
+                               "sym: true")
+
+    def format_options(self, dtype: str) -> dict:
+        keys = ("bits", "group_size", "desc_act", "sym", "checkpoint_format")
+        return {"activation_dtype": dtype, **{k: self.options[k] for k in keys}, "int4_form": "DequantizeLinear",
+                "dequantize_block_sizes": sorted(self.block_sizes), "act_order_gathers": len(self._gathers),
+                "zero_point_corrections": self.corrections}
