@@ -63,7 +63,7 @@ def case(request, models, tmp_path_factory):
         folder = _gptq_solver_checkpoint(models["tiny"], root / "gptq", group_size)
     else:
         folder = write_rtn_checkpoint(models[kind], root / "gptq", group_size=group_size, sym=sym, desc_act=desc_act)
-    return request.param, folder, export_onnx(folder, root / "onnx")
+    return request.param, folder, export_onnx(folder, root / "onnx", optimize=False)  # fused: test_onnx_fused.py
 
 
 def _with_linear_biases(src, dst):

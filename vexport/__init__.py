@@ -1,6 +1,7 @@
 """vexport: export RLHF value models to fast formats and prove the values did not change.
 
-The public verbs: ``load`` (any artifact or Hugging Face value model), ``export_onnx``, ``check``.
+The public verbs: ``load`` (any artifact or Hugging Face value model), ``export_onnx``, ``export_gptq``,
+``check`` and ``check_many``.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-_VERBS = {"load": "vexport.runtime", "export_onnx": "vexport.export.onnx", "check": "vexport.checker"}
+_VERBS = {"load": "vexport.runtime", "export_onnx": "vexport.export.onnx", "export_gptq": "vexport.export.gptq",
+          "check": "vexport.checker", "check_many": "vexport.checker"}
 
 __all__ = ["__version__", *_VERBS]
 

@@ -37,6 +37,7 @@ from jinja2 import TemplateError
 
 from vexport.errors import InputError, VexportError
 from vexport.evalset import ROLES, render
+from vexport.jsonl import parse_json, read_lines
 
 __all__ = [
     "BUILTIN_FILE",
@@ -104,13 +105,7 @@ def read_calibration_file(path: str | Path) -> list[CalibrationText]:
     """Read a calibration JSONL file; errors name `--calibration`, the file and the line."""
     path = Path(path)
     source = f"--calibration {path}"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise VexportError(f"{source}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise VexportError(f"{source}: cannot read the file ({exc})") from None
-    items = _parse_lines(text.split("\n"), source)
+    items = _parse_lines((line for _, line in read_lines(path, source)), source)  # bounded lines
     if not items:
         raise VexportError(f"{source}: no calibration text (the file is empty)")
     return items
@@ -219,11 +214,7 @@ def _parse_lines(lines: Iterable[str], source: str) -> list[CalibrationText]:
         if not line.strip():
             continue
         where = f"{source}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise VexportError(f"{where}: not valid JSON ({exc.msg})") from None
-        items.append(_parse_record(record, where))
+        items.append(_parse_record(parse_json(line, where), where))
     return items
 
 

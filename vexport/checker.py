@@ -35,6 +35,7 @@ from vexport.runtime import ValueModel, check_files, load
 log = logging.getLogger(__name__)
 
 WORST_K = 5  # worst sequences kept per artifact
+_REPORT_PACKAGES = ("numpy", "scipy", "matplotlib", "jinja2")  # versions the report adds to the manifest's list
 ReportPaths = str | os.PathLike | Sequence[str | os.PathLike] | None
 T = TypeVar("T")
 
@@ -59,7 +60,7 @@ class ComparisonOutcome:
 
 @dataclass
 class Scored:
-    """Per-sequence values of one model and the time its scoring took (after one warm-up batch)."""
+    """Per-sequence values of one model and the time its scoring took (after one warm-up sequence)."""
 
     values: list[np.ndarray]
     seconds: float
@@ -67,10 +68,11 @@ class Scored:
 
     def timing(self, samples: Sequence[EncodedSample], batches: Sequence[Sequence[int]]) -> dict[str, Any]:
         tokens = sum(len(s.input_ids) for s in samples)
-        rate = (lambda n: n / self.seconds) if self.seconds > 0 else (lambda n: None)
+        timed = self.seconds > 0
         return {"seconds": self.seconds, "warmup_seconds": self.warmup_seconds, "tokens": tokens,
-                "sequences": len(samples), "batches": len(batches), "tokens_per_second": rate(tokens),
-                "sequences_per_second": rate(len(samples))}
+                "sequences": len(samples), "batches": len(batches),
+                "tokens_per_second": tokens / self.seconds if timed else None,
+                "sequences_per_second": len(samples) / self.seconds if timed else None}
 
 
 @dataclass(frozen=True)
@@ -92,14 +94,14 @@ class _Run:
 def check(artifact: str | os.PathLike, reference: str | os.PathLike, *, prompts: str | os.PathLike | None = None,
           thresholds: dict[str, float] | None = None, device: str | None = None, batch_tokens: int = 4096,
           report: ReportPaths = None, record: bool = True, allow_pickle: bool = False, seed: int = 0,
-          progress: bool = False) -> CheckOutcome:
+          progress: bool = False, verify_hashes: bool = True) -> CheckOutcome:
     """Compare ARTIFACT against the REFERENCE model; write REPORT and the manifest's parity summary.
 
     REPORT is one path or several: .json and .md get the one-artifact report, .html the comparison page.
     """
     outcome = check_many([artifact], reference, prompts=prompts, thresholds=thresholds, device=device,
                          batch_tokens=batch_tokens, record=record, allow_pickle=allow_pickle, seed=seed,
-                         progress=progress)
+                         progress=progress, verify_hashes=verify_hashes)
     single = single_report(outcome.report)
     write_reports(report, outcome.report, single=single)
     return CheckOutcome(outcome.results[0], single)
@@ -109,13 +111,14 @@ def check_many(artifacts: Sequence[str | os.PathLike], reference: str | os.PathL
                prompts: str | os.PathLike | None = None, thresholds: dict[str, float] | None = None,
                device: str | None = None, batch_tokens: int = 4096, report: ReportPaths = None,
                record: bool = True, allow_pickle: bool = False, seed: int = 0,
-               progress: bool = False) -> ComparisonOutcome:
+               progress: bool = False, verify_hashes: bool = True) -> ComparisonOutcome:
     """Compare every ARTIFACT with REFERENCE on the same batches; the reference is loaded and run once.
 
     Every artifact is opened and its tokenizer checked before the reference runs, so bad input fails fast.
     REPORT (.json, .md, .html; one path or several) gets the comparison report; with `record` each
     artifact's manifest.json keeps its parity summary. `seed` seeds torch and the plots' token sample
-    (scoring itself draws no random numbers).
+    (scoring itself draws no random numbers). Each artifact's files are verified against its manifest up front
+    (sizes always, sha256 unless `verify_hashes` is False).
     """
     if not artifacts:
         raise InputError("give at least one artifact to check")
@@ -123,7 +126,7 @@ def check_many(artifacts: Sequence[str | os.PathLike], reference: str | os.PathL
     created = now_iso()
     torch.manual_seed(seed)
     groups, evalset = (read_prompt_groups(prompts), str(prompts)) if prompts else (builtin_prompt_groups(), "builtin")
-    samples = _encode_all(artifacts, groups, allow_pickle)
+    samples = _encode_all(artifacts, groups, allow_pickle, verify_hashes, progress)
     batches = token_budget_batches([len(s.input_ids) for s in samples], batch_tokens)
     ref, ref_load = _timed(lambda: load(reference, device=device, allow_pickle=allow_pickle))
     ref_scored = score(ref, samples, batches, _pad_id(ref), progress, "reference")
@@ -147,7 +150,7 @@ def _check_one(run: _Run, label: str, artifact: str | os.PathLike) -> tuple[dict
     """Load, time and score one candidate, compare it with the reference, record the summary."""
     from vexport.report.figures import figure_data
 
-    candidate, load_seconds = _timed(lambda: load(artifact, device=run.device))
+    candidate, load_seconds = _timed(lambda: load(artifact, device=run.device, verify_hashes=False))  # verified
     scored = score(candidate, run.samples, run.batches, run.pad_id, run.progress, label)
     limits = thresholds_for(candidate.format, _compared_precision(run.ref, candidate), run.overrides)
     result = compare(run.ref_values, scored.values, [s.group for s in run.samples], limits)
@@ -169,12 +172,13 @@ def score(model: ValueModel, samples: Sequence[EncodedSample], batches: Sequence
           progress: bool = False, label: str = "model") -> Scored:
     """Per-sequence values of MODEL on BATCHES (right-padded), in sample order, and the seconds they took.
 
-    The first batch is run once before timing: lazy initialisation (sessions, kernels) is not scoring.
-    The timing includes the copy of the values to the host, which waits for a GPU to finish.
+    The shortest sequence is run once alone before timing: lazy initialisation (sessions, kernels) is not
+    scoring. The timing includes the copy of the values to the host, which waits for a GPU to finish.
     """
     out: list = [None] * len(samples)
     padded = [pad_batch([samples[i].input_ids for i in batch], pad_id) for batch in batches]
-    _, warmup = _timed(lambda: unpad(model.values(*padded[0]), padded[0][1]))
+    ids, mask = pad_batch([min((s.input_ids for s in samples), key=len)], pad_id)
+    _, warmup = _timed(lambda: unpad(model.values(ids, mask), mask))
     seconds = 0.0
     with progress_bar(f"scoring {label}", len(samples), progress) as advance:
         for batch, (ids, mask) in zip(batches, padded):
@@ -210,11 +214,12 @@ def _timed(work: Callable[[], T]) -> tuple[T, float]:
 
 
 # ------------------------------------------------------------------------------------------ inputs
-def _encode_all(artifacts: Sequence[str | os.PathLike], groups, allow_pickle: bool) -> list[EncodedSample]:
+def _encode_all(artifacts: Sequence[str | os.PathLike], groups, allow_pickle: bool,
+                verify_hashes: bool = True, progress: bool = False) -> list[EncodedSample]:
     """The evaluation set as the first artifact's tokenizer encodes it; every other one must agree."""
     samples: list[EncodedSample] | None = None
     for artifact in artifacts:
-        tokenizer, max_length = _tokenizer_of(artifact, allow_pickle)
+        tokenizer, max_length = _tokenizer_of(artifact, allow_pickle, verify_hashes, progress)
         encoded = encode_groups(tokenizer, groups, max_length=max_length)
         if samples is None:
             samples = encoded
@@ -225,15 +230,17 @@ def _encode_all(artifacts: Sequence[str | os.PathLike], groups, allow_pickle: bo
     return samples
 
 
-def _tokenizer_of(artifact: str | os.PathLike, allow_pickle: bool) -> tuple[Any, int | None]:
-    """The tokenizer and max_position_embeddings of an artifact folder or model, checked before any scoring."""
+def _tokenizer_of(artifact: str | os.PathLike, allow_pickle: bool, verify_hashes: bool = True,
+                  progress: bool = False) -> tuple[Any, int | None]:
+    """The tokenizer and max_position_embeddings of an artifact folder or model, checked before any scoring
+    (an artifact's files against its manifest: sizes, and sha256 unless `verify_hashes` is False)."""
     from transformers import AutoTokenizer
 
     from vexport.model import load_config, open_model
 
     path = Path(artifact).expanduser()
     if path.is_dir() and (path / MANIFEST_NAME).is_file():
-        check_files(path, read_manifest(path))
+        check_files(path, read_manifest(path), verify_hashes, progress)
         config = load_config(path)
     else:
         source = open_model(artifact, allow_pickle=allow_pickle)
@@ -366,10 +373,16 @@ def _command(artifacts: Sequence, reference: str, settings: dict[str, Any], devi
 
 def environment(device: torch.device) -> dict[str, Any]:
     """The machine and library versions a comparison ran with."""
-    import numpy
+    from importlib import metadata
 
+    versions = library_versions()
+    for name in _REPORT_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
     return {"device": device_name(device), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), **library_versions(), "numpy": numpy.__version__}
+            "torch_threads": torch.get_num_threads(), **versions}
 
 
 def device_name(device: torch.device) -> str:

@@ -24,6 +24,7 @@ err = Console(stderr=True)
 class Format(str, Enum):
     onnx = "onnx"
     gptq = "gptq"
+    tensorrt = "tensorrt"
 
 
 class Dtype(str, Enum):
@@ -39,7 +40,9 @@ def _command(fn):
         try:
             return fn(*args, **kwargs)
         except VexportError as exc:
-            err.print(f"[bold red]error:[/] {' '.join(str(exc).split())}", highlight=False, soft_wrap=True)
+            from rich.markup import escape  # so "pip install 'vexport[tensorrt]'" is not read as markup
+
+            err.print(f"[bold red]error:[/] {escape(' '.join(str(exc).split()))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted: nothing was left behind")
@@ -67,11 +70,13 @@ def export(
     output: Annotated[Path, typer.Option("--output", "-o", help="Artifact folder to write.")],
     format: Annotated[Format, typer.Option("--format", "-f")] = Format.onnx,
     dtype: Annotated[Dtype, typer.Option("--dtype", help="ONNX: weight/activation dtype.")] = Dtype.float32,
+    optimize: Annotated[bool, typer.Option("--optimize/--no-optimize", help=(
+        "ONNX: ONNX Runtime's fused graph (default), or the plain opset-17 graph any runtime runs."))] = True,
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle (.bin) weights.")] = False,
     bits: Annotated[int, typer.Option("--bits", help="GPTQ: bits per weight (4).")] = 4,
     group_size: Annotated[int, typer.Option("--group-size", help="GPTQ: group size, -1 per channel.")] = 128,
-    desc_act: Annotated[bool, typer.Option("--desc-act/--no-desc-act", help="GPTQ: act-order.")] = False,
+    desc_act: Annotated[bool, typer.Option("--desc-act/--no-desc-act", help="GPTQ: act-order (g_idx).")] = True,
     sym: Annotated[bool, typer.Option("--sym/--no-sym", help="GPTQ: symmetric grid.")] = True,
     value_calibration: Annotated[bool, typer.Option("--value-calibration/--no-value-calibration",
                                                     help="GPTQ: refit the fp16 head on calibration text.")] = True,
@@ -79,12 +84,29 @@ def export(
     samples: Annotated[int, typer.Option("--samples", help="GPTQ: calibration windows.")] = 128,
     seq_len: Annotated[int, typer.Option("--seq-len", help="GPTQ: tokens per window.")] = 512,
     device: Annotated[Optional[str], typer.Option("--device", help="GPTQ: cuda or cpu.")] = None,
+    min_shape: Annotated[str, typer.Option("--min-shape", help="TensorRT: smallest BATCH,SEQUENCE.")] = "1,1",
+    opt_shape: Annotated[str, typer.Option("--opt-shape", help="TensorRT: BATCH,SEQUENCE tuned for.")] = "8,1024",
+    max_shape: Annotated[str, typer.Option("--max-shape", help="TensorRT: largest BATCH,SEQUENCE.")] = "16,2048",
+    fp16: Annotated[bool, typer.Option("--fp16/--no-fp16", help="TensorRT: float16 activations.")] = True,
+    int4: Annotated[bool, typer.Option("--int4", help="TensorRT: int4 weights from a GPTQ folder.")] = False,
+    reference: Annotated[Optional[str], typer.Option("--reference", help="TensorRT: model for the ONNX check.")] = None,
 ):
-    """Export MODEL to an artifact folder (weights + config + tokenizer + manifest.json)."""
-    if format is Format.onnx:
+    """Export MODEL to an artifact folder (weights + config + tokenizer + manifest.json).
+
+    --format tensorrt takes a value model, a GPTQ folder (--int4) or a TensorRT-bound ONNX folder.
+    """
+    if format is Format.tensorrt:
+        from vexport.export.tensorrt import ShapeProfile, build_engine, parse_shape
+
+        profile = ShapeProfile(parse_shape(min_shape, "--min-shape"), parse_shape(opt_shape, "--opt-shape"),
+                               parse_shape(max_shape, "--max-shape"))
+        path = build_engine(model, output, profile=profile, fp16=fp16, int4=int4, reference=reference, force=force,
+                            progress=True)
+    elif format is Format.onnx:
         from vexport.export.onnx import export_onnx
 
-        path = export_onnx(model, output, dtype.value, force=force, allow_pickle=allow_pickle, progress=True)
+        path = export_onnx(model, output, dtype.value, optimize=optimize, force=force, allow_pickle=allow_pickle,
+                           progress=True)
     else:
         from vexport.export.gptq import export_gptq
         from vexport.quant.stream import GPTQOptions
@@ -100,7 +122,7 @@ def export(
 @_command
 def check(
     artifacts: Annotated[list[str], typer.Argument(
-        help="Artifact folders (or any model vexport.load takes); several are compared in one run.")],
+        metavar="DIR", help="Artifact folders (or any model vexport.load takes); several are compared in one run.")],
     reference: Annotated[str, typer.Option("--reference", "-r", help="The original value model.")],
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="JSONL prompt groups.")] = None,
     report: Annotated[Optional[list[Path]], typer.Option(
@@ -110,8 +132,10 @@ def check(
     batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Tokens per batch.")] = 4096,
     seed: Annotated[int, typer.Option("--seed", help="Seeds torch and the plotted token sample.")] = 0,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle")] = False,
+    verify_hashes: Annotated[bool, typer.Option("--verify-hashes/--no-verify-hashes",
+                                                help="Check each artifact file's sha256 (sizes are always checked).")] = True,
 ):
-    """Compare each ARTIFACT with the reference on real tokens; the reference runs once.
+    """Compare each artifact DIR with the reference on real tokens; the reference runs once.
 
     Exit 0: all pass, 1: any fails, 2: bad input.
     """
@@ -119,7 +143,7 @@ def check(
     from vexport.checker import check_many
 
     options = dict(prompts=prompts, thresholds=_overrides(threshold), device=device, batch_tokens=batch_tokens,
-                   report=report, allow_pickle=allow_pickle, seed=seed, progress=True)
+                   report=report, allow_pickle=allow_pickle, seed=seed, progress=True, verify_hashes=verify_hashes)
     if len(artifacts) == 1:
         outcome = check_one(artifacts[0], reference, **options)
         _print_check(outcome)
@@ -198,8 +222,8 @@ def _print_check(outcome) -> None:
     out.print("[bold green]PASS[/]" if result.passed else "[bold red]FAIL[/]")
 
 
-_COMPARISON_COLUMNS = ("Artifact", "Dtype / bits", "Size on disk", "Load", "Throughput", "Per-token SQNR",
-                       "Max abs error", "Pearson", "Top-1 agreement", "Pairwise agreement", "Result")
+_COMPARISON_COLUMNS = ("Artifact", "Dtype / bits", "Size on disk", "Throughput", "Per-token SQNR", "Pearson",
+                       "Pairwise agreement", "Result")
 
 
 def _print_comparison(doc: dict) -> None:
@@ -227,6 +251,43 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return "" if value is None else str(value)
+
+
+# --- score: dataset scoring (vexport/scoring) ---
+@app.command()
+@_command
+def score(
+    model: Annotated[str, typer.Argument(help="Artifact folder, or a Hugging Face value model (folder or hub id).")],
+    input: Annotated[Path, typer.Option("--input", "-i", help="JSONL or Parquet file, or a folder of them.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the Parquet parts.")],
+    per_token: Annotated[bool, typer.Option("--per-token", help="Also write every token's value.")] = False,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Longer rows are rejected.")] = None,
+    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per batch.")] = 8192,
+    engine: Annotated[str, typer.Option("--engine", help="local or ray.")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Join this Ray cluster.")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Ray actors (default: GPUs, else CPUs).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Score only the rows OUTPUT lacks.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first bad row (exit 2).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUTPUT.")] = False,
+    append_eos: Annotated[bool, typer.Option("--append-eos", help="End chat rows with the eos token.")] = False,
+    part_rows: Annotated[int, typer.Option("--part-rows", help="Input rows per output part.")] = 1024,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads per worker.")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda if present).")] = None,
+):
+    """Score every row of INPUT with MODEL into Parquet parts in OUTPUT (resumable; exit 2 on bad input)."""
+    from vexport.scoring import score as run_score
+
+    try:
+        summary = run_score(model, input, output, per_token=per_token, max_length=max_length, batch_tokens=batch_tokens,
+                            engine=engine, ray_address=ray_address, workers=workers, resume=resume, strict=strict,
+                            force=force, append_eos=append_eos, part_rows=part_rows, threads=threads, device=device,
+                            progress=True)
+    except KeyboardInterrupt:
+        err.print(f"interrupted: the parts written so far are kept; rerun with --resume to finish {output}")
+        raise typer.Exit(130) from None
+    out.print(f"scored {summary['rows_scored']} rows, rejected {summary['rows_rejected']} "
+              f"(see {output / 'errors.jsonl'}); {summary['this_run']['tokens_per_s']:,.0f} tokens/s; wrote {output}")
+# --- end score ---
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vexport.errors import InputError, VexportError
+from vexport.jsonl import parse_json, read_lines
 
 __all__ = [
     "TULU_CHAT_TEMPLATE",
@@ -39,6 +39,7 @@ TULU_CHAT_TEMPLATE = (
 
 ROLES = ("system", "user", "assistant")
 BUILTIN_FILE = "prompt_groups.jsonl"
+MAX_CHARS_PER_TOKEN = 64  # a text over 64 x max_length characters is refused before it is tokenized
 
 
 @dataclass(frozen=True)
@@ -76,13 +77,8 @@ def builtin_prompt_groups() -> list[PromptGroup]:
 def read_prompt_groups(path: str | Path) -> list[PromptGroup]:
     """Read JSONL prompt groups: `{"prompt": ..., "responses": [...]}` or `{"messages": [...], "responses": [...]}`."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise VexportError(f"{path}: no such prompt-group file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise VexportError(f"{path}: cannot read prompt groups ({exc})") from None
-    return _parse_lines(text.splitlines(), str(path))
+    lines = read_lines(path, str(path), missing="no such prompt-group file")  # bounded, split on \n only
+    return _parse_lines((line for _, line in lines), str(path))
 
 
 def _parse_lines(lines: Iterable[str], source: str) -> list[PromptGroup]:
@@ -92,11 +88,7 @@ def _parse_lines(lines: Iterable[str], source: str) -> list[PromptGroup]:
         if not line.strip():
             continue
         where = f"{source}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise VexportError(f"{where}: not valid JSON ({exc.msg})") from None
-        groups.append(_parse_record(record, where))
+        groups.append(_parse_record(parse_json(line, where), where))
     if not groups:
         raise VexportError(f"{source}: no prompt groups (the file is empty)")
     return groups
@@ -178,6 +170,9 @@ def encode_groups(
     for g, group in enumerate(groups):
         for r, response in enumerate(group.responses):
             text = render(tokenizer, group.messages, response)
+            if max_length is not None and len(text) > MAX_CHARS_PER_TOKEN * max_length:  # bound before tokenizing
+                raise InputError(f"prompt group {g} response {r} is {len(text)} characters, more than "
+                                 f"max_length={max_length} tokens can hold ({MAX_CHARS_PER_TOKEN} per token)")
             ids = encode(tokenizer, text)
             if max_length is not None and len(ids) > max_length:
                 raise InputError(

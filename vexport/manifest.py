@@ -17,6 +17,9 @@ from vexport.errors import ManifestError
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest is a few kB; a larger one is refused before it is read
+_FIELD_TYPES = {"format": str, "precision": str, "source": dict, "model": dict, "inputs": list, "outputs": list,
+                "files": dict, "format_options": dict, "versions": dict, "parity": (dict, type(None)), "created": str}
 _VERSIONED_PACKAGES = ("vexport", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu",
                        "safetensors", "tokenizers", "triton", "tensorrt")
 
@@ -55,15 +58,17 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"{folder} has no {MANIFEST_NAME}: not a vexport artifact folder")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path} is {path.stat().st_size} bytes, more than a manifest can be")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"{path} is not readable JSON ({_one_line(exc)})") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSON, huge ints
+        raise ManifestError(f"{path} is not readable JSON ({_one_line(exc)[:200]})") from None
     if not isinstance(data, dict):
         raise ManifestError(f"{path} is not a JSON object")
     version = data.get("manifest_version")
-    if not isinstance(version, int):
-        raise ManifestError(f"{path} has no integer manifest_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ManifestError(f"{path} has no valid manifest_version (a whole number >= 1)")
     if version > MANIFEST_VERSION:
         raise ManifestError(
             f"{path} has manifest_version {version}, newer than this vexport reads ({MANIFEST_VERSION}): "
@@ -73,7 +78,25 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
     missing = sorted(n for n in names if n not in data and n not in ("parity", "created", "versions", "format_options"))
     if missing:
         raise ManifestError(f"{path} lacks field(s): {', '.join(missing)}")
+    _check_types(path, data)
     return Manifest(**{k: v for k, v in data.items() if k in names})
+
+
+def _check_types(path: Path, data: dict[str, Any]) -> None:
+    """Every field of the type the loader expects; every files entry {"size": int >= 0, "sha256": hex}."""
+    for key, kind in _FIELD_TYPES.items():
+        if key in data and not isinstance(data[key], kind):
+            raise ManifestError(f"{path}: field {key!r} has the wrong type ({type(data[key]).__name__})")
+    for key in ("inputs", "outputs"):
+        if not all(isinstance(io, dict) and {"name", "dtype", "shape"} <= io.keys() for io in data[key]):
+            raise ManifestError(f"{path}: every {key} entry must be an object with name, dtype and shape")
+    for name, entry in data["files"].items():
+        size = entry.get("size") if isinstance(entry, dict) else None
+        digest = entry.get("sha256") if isinstance(entry, dict) else None
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ManifestError(f"{path}: files entry {name[:100]!r} has no valid size")
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            raise ManifestError(f"{path}: files entry {name[:100]!r} has no valid sha256")
 
 
 def file_entry(path: Path, role: str) -> dict[str, Any]:

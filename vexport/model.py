@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vexport.errors import CorruptFileError, NotAValueModelError, VexportError
+from vexport.safety import check_entries, inside
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ def _download(model_id: str) -> Path:
 def open_model(model: str | os.PathLike, allow_pickle: bool = False) -> ModelSource:
     """Resolve, then validate config and weights of a value model; nothing heavy is loaded."""
     path = resolve(model)
+    check_entries(path)  # no config, tokenizer or weight file may be a symlink leading out of the folder
     config = load_config(path)
     check_value_model(config, path)
     weight_files, is_pickle = find_weight_files(path, allow_pickle)
@@ -158,13 +160,17 @@ def find_weight_files(path: Path, allow_pickle: bool) -> tuple[list[Path], bool]
 def _files_from_index(index: Path) -> list[Path]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        names = sorted(set(weight_map.values()))
+        if not all(isinstance(name, str) for name in names):
+            raise TypeError("a weight_map value is not a string")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError,
+            AttributeError) as exc:
         raise CorruptFileError(f"{index} is not a valid safetensors index ({type(exc).__name__})") from None
     files = []
-    for name in sorted(set(weight_map.values())):
-        file = index.parent / name
+    for name in names:
+        file = inside(index.parent, name, index.name)  # '../outside.safetensors' is refused unopened
         if not file.is_file():
-            raise CorruptFileError(f"{index} names {name}, which is missing")
+            raise CorruptFileError(f"{index} names {name!r}, which is missing")
         files.append(file)
     return files
 
@@ -189,7 +195,7 @@ def read_safetensors_header(file: Path) -> dict[str, tuple[str, list[int]]]:
             raise CorruptFileError(f"{file} is truncated or not a safetensors file (header of {length} bytes)")
         try:
             header = json.loads(fh.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise CorruptFileError(f"{file} is corrupt: its safetensors header is not valid JSON") from None
     return _check_header(file, header, size - 8 - length)
 
@@ -197,21 +203,43 @@ def read_safetensors_header(file: Path) -> dict[str, tuple[str, list[int]]]:
 def _check_header(file: Path, header: Any, data_size: int) -> dict[str, tuple[str, list[int]]]:
     if not isinstance(header, dict):
         raise CorruptFileError(f"{file} is corrupt: its safetensors header is not an object")
-    out, end = {}, 0
+    out, ranges = {}, []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, stop) = info["dtype"], info["shape"], info["data_offsets"]
-            nbytes = _SAFETENSORS_DTYPES[dtype] * _prod(shape)
-        except (KeyError, TypeError, ValueError):
-            raise CorruptFileError(f"{file} is corrupt: bad header entry for {name}") from None
-        if stop - begin != nbytes or begin < 0:
-            raise CorruptFileError(f"{file} is corrupt: {name} has {stop - begin} bytes, expected {nbytes}")
-        out[name], end = (dtype, list(shape)), max(end, stop)
-    if end > data_size:
-        raise CorruptFileError(f"{file} is truncated: its header needs {end} data bytes, the file has {data_size}")
+        dtype, shape, begin, stop = _header_entry(file, name, info)
+        nbytes = _SAFETENSORS_DTYPES[dtype] * _prod(shape)
+        if stop - begin != nbytes:
+            raise CorruptFileError(f"{file} is corrupt: {name!r} has {stop - begin} bytes, expected {nbytes}")
+        out[name] = (dtype, list(shape))
+        ranges.append((begin, stop))
+    end = 0
+    for begin, stop in sorted(ranges):
+        if begin != end:
+            raise CorruptFileError(f"{file} is corrupt: its tensors overlap or leave a gap at byte {end}")
+        end = stop
+    if end != data_size:
+        raise CorruptFileError(f"{file} is truncated or padded: its header needs {end} data bytes, "
+                               f"the file has {data_size}")
     return out
+
+
+def _header_entry(file: Path, name: str, info: Any) -> tuple[str, list[int], int, int]:
+    """(dtype, shape, begin, stop) of one header entry, every field of the right type."""
+    try:
+        dtype, shape, (begin, stop) = info["dtype"], info["shape"], info["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise CorruptFileError(f"{file} is corrupt: bad header entry for {name!r}") from None
+    if not (isinstance(dtype, str) and dtype in _SAFETENSORS_DTYPES):
+        raise CorruptFileError(f"{file} is corrupt: {name!r} has unknown dtype {str(dtype)[:20]!r}")
+    if not (isinstance(shape, list) and all(map(_whole, [*shape, begin, stop])) and begin <= stop):
+        raise CorruptFileError(f"{file} is corrupt: bad shape or data_offsets for {name!r}")
+    return dtype, shape, begin, stop
+
+
+def _whole(value: Any) -> bool:
+    """A JSON whole number >= 0 (not a bool, not a float)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _prod(shape: list[int]) -> int:

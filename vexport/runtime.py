@@ -103,12 +103,19 @@ class ValueModel:
     def values(self, input_ids, attention_mask=None) -> torch.Tensor:
         """float32 [B, T]: the value of every token; padding positions are 0."""
         ids, mask = self._inputs(input_ids, attention_mask)
-        values = self.runner.logits(ids, mask)[..., 0].float().to(self.device)
+        if hasattr(self.runner, "values"):  # torch backends: the fused head on CUDA (vexport/head.py)
+            values = self.runner.values(ids, mask).to(self.device)
+        else:
+            values = self.runner.logits(ids, mask)[..., 0].float().to(self.device)
         return values * mask.to(values.device)
 
     def sequence_values(self, input_ids, attention_mask=None) -> torch.Tensor:
         """float32 [B]: the value of each sequence, read at its last real token (any padding side)."""
         ids, mask = self._inputs(input_ids, attention_mask)
+        if hasattr(self.runner, "values"):  # torch backends: the head runs at the last tokens only
+            from vexport.head import last_token_index
+
+            return self.runner.values(ids, mask, index=last_token_index(mask)).to(self.device)
         values = self.values(ids, mask)
         positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
         last = torch.where(mask.bool(), positions, -1).amax(dim=1).clamp_min(0)
@@ -146,14 +153,16 @@ def default_device(device: str | torch.device | None) -> torch.device:
 
 
 def load(model: str | os.PathLike, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-         *, allow_pickle: bool = False, threads: int | None = None) -> ValueModel:
+         *, allow_pickle: bool = False, threads: int | None = None, verify_hashes: bool = True) -> ValueModel:
     """Load an exported artifact (by its manifest) or a Hugging Face value model (the torch reference).
 
-    The reference is float16 on CUDA and float32 on CPU unless ``dtype`` says otherwise.
+    The reference is float16 on CUDA and float32 on CPU unless ``dtype`` says otherwise. An artifact's files
+    are checked against its manifest first: sizes always, sha256 hashes unless ``verify_hashes=False`` (for
+    very large local files you trust; hashing reads every byte, about 1 minute for 26 GB).
     """
     path = Path(model).expanduser()
     if path.is_dir() and (path / MANIFEST_NAME).is_file():
-        return _load_artifact(path, device, threads)
+        return _load_artifact(path, device, threads, verify_hashes)
     return _load_reference(model, device, dtype, allow_pickle)
 
 
@@ -168,36 +177,61 @@ def _load_reference(model, device, dtype, allow_pickle: bool) -> ValueModel:
     return ValueModel(TorchRunner(module), source.config, source.path)
 
 
-def _load_artifact(path: Path, device, threads: int | None) -> ValueModel:
+def _load_artifact(path: Path, device, threads: int | None, verify_hashes: bool = True) -> ValueModel:
     from transformers import AutoConfig
 
     manifest = read_manifest(path)
-    check_files(path, manifest)
+    check_files(path, manifest, verify_hashes)
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if manifest.format == "onnx":
         from vexport.backends.onnxrt import OnnxRuntimeRunner
+        from vexport.safety import inside
 
-        runner = OnnxRuntimeRunner(path / manifest.format_options["graph"], device=device and str(device),
-                                   threads=threads)
+        graph = inside(path, str(manifest.format_options.get("graph", "")), f"{MANIFEST_NAME} format_options.graph")
+        runner = OnnxRuntimeRunner(graph, device=device and str(device), threads=threads)
     # --- gptq: the int4 torch backend (backends/gptq.py) ---
     elif manifest.format == "gptq":
         from vexport.backends.gptq import GPTQRunner
 
         runner = GPTQRunner(path, device=device)
     # --- end gptq ---
+    # --- tensorrt: engines built by export/tensorrt.py (backends/tensorrt.py) ---
+    elif manifest.format == "tensorrt":
+        from vexport.backends.tensorrt import TensorRTRunner
+
+        runner = TensorRTRunner(path, manifest, device=device)
+    # --- end tensorrt ---
     else:
         raise ManifestError(f"{path / MANIFEST_NAME} has format {manifest.format!r}, which this vexport cannot load")
     return ValueModel(runner, config, path, manifest)
 
 
-def check_files(path: Path, manifest: Manifest) -> None:
-    """Every file the manifest lists must be present with the recorded size."""
-    for name, entry in manifest.files.items():
-        file = path / name
-        if not file.is_file():
-            raise ManifestError(f"{file} is listed in {MANIFEST_NAME} but missing")
-        if file.stat().st_size != entry.get("size"):
-            raise ManifestError(f"{file} has {file.stat().st_size} bytes, {MANIFEST_NAME} says {entry.get('size')}")
+def check_files(path: Path, manifest: Manifest, verify_hashes: bool = True, progress: bool = False) -> None:
+    """The folder must hold exactly what the manifest lists: every listed file inside PATH (symlinks followed)
+    with its recorded size, and its sha256 unless ``verify_hashes`` is False; no weight file unlisted."""
+    from vexport.progress import progress_bar
+    from vexport.safety import HASH_LOG_BYTES, check_entries, inside, is_weight_file, verify_file
+
+    check_entries(path)
+    files = {name: inside(path, name, MANIFEST_NAME) for name in manifest.files}
+    for key in ("graph", "engine"):  # the file a backend opens must be one of the listed (and so verified) files
+        name = manifest.format_options.get(key)
+        if name is not None and (not isinstance(name, str) or name not in manifest.files):
+            raise ManifestError(f"{path / MANIFEST_NAME}: format_options.{key} {str(name)[:100]!r} is not a file "
+                                "the manifest lists")
+    unlisted = sorted(name for name in os.listdir(path) if is_weight_file(name) and name not in manifest.files)
+    if unlisted:
+        raise ManifestError(f"{path / unlisted[0]} is a weight file that {path / MANIFEST_NAME} does not list: "
+                            "the folder does not match its manifest")
+    total = sum(entry["size"] for entry in manifest.files.values())
+    bar = progress and verify_hashes and total >= HASH_LOG_BYTES  # a bar for hashing that takes a while
+    with progress_bar("verifying artifact files", total, bar) as advance:
+        for name, file in files.items():
+            verify_file(file, manifest.files[name], verify_hashes, advance)
+    if manifest.format == "onnx":  # the graph's external-data locations are files the folder refers to too
+        from vexport.backends.onnxrt import check_external_data
+
+        check_external_data(inside(path, str(manifest.format_options.get("graph", "")), MANIFEST_NAME))
 
 
 def _torch_dtype(dtype) -> torch.dtype | None:

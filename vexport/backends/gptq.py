@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from vexport.backends.torch import position_ids
 from vexport.errors import VexportError
+from vexport.head import ValueHead
 from vexport.quant.checkpoint import QUANTIZED_LINEARS, gptq_options
 from vexport.quant.pack import V1_ZERO_OFFSET
 
@@ -120,6 +121,7 @@ class GPTQRunner:
             torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.module = build_quantized_module(source, self.device, self.dtype).eval()
+        self.head = ValueHead(self.module)  # fused norm + score on CUDA (vexport/head.py)
         if self.device.type == "cuda" and not triton_available():
             log.warning("triton is not installed: int4 matmuls dequantize then use cuBLAS at every batch size "
                         "(pip install 'vexport[triton]' for the fused kernel)")
@@ -130,6 +132,13 @@ class GPTQRunner:
         ids, mask = input_ids.to(self.device), attention_mask.to(self.device)
         out = self.module(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
         return out.logits
+
+    @torch.inference_mode()
+    def values(self, input_ids: Tensor, attention_mask: Tensor, index: Tensor | None = None) -> Tensor:
+        """float32 values [B, T] (padding not zeroed), or [K] at ``index`` (flat ``b * T + t`` positions)."""
+        ids, mask = input_ids.to(self.device, non_blocking=True), attention_mask.to(self.device, non_blocking=True)
+        index = index.to(self.device, non_blocking=True) if index is not None else None
+        return self.head.values(ids, mask, position_ids(mask), index)
 
 
 def build_quantized_module(source, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -143,9 +152,24 @@ def build_quantized_module(source, device: torch.device, dtype: torch.dtype) -> 
         for name in QUANTIZED_LINEARS:
             _replace_linear(layer, name, source, f"model.layers.{i}.{name}", dtype)
     state = {name: _read(source, name, device, dtype) for name in module.state_dict()}
-    module.load_state_dict(state, strict=True, assign=True)
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:  # size mismatches: tensors of shapes the config does not allow
+        raise VexportError(f"{source.path}: GPTQ tensors of inconsistent shapes "
+                           f"({' '.join(str(exc).split())[:300]})") from None
+    _check_g_idx(module, source.path)
     _rebuild_rotary(module, device)
     return module
+
+
+def _check_g_idx(module: nn.Module, path) -> None:
+    """Every g_idx entry must name one of its Linear's groups (else the dequantization would index out of range)."""
+    for name, layer in module.named_modules():
+        if isinstance(layer, QuantLinear) and layer.g_idx.numel():
+            low, high = int(layer.g_idx.min()), int(layer.g_idx.max())
+            if low < 0 or high >= layer.scales.shape[0]:
+                raise VexportError(f"{path}: {name}.g_idx has group {low if low < 0 else high}, "
+                                   f"outside [0, {layer.scales.shape[0]})")
 
 
 def _replace_linear(layer: nn.Module, name: str, source, prefix: str, dtype: torch.dtype) -> None:
@@ -154,7 +178,10 @@ def _replace_linear(layer: nn.Module, name: str, source, prefix: str, dtype: tor
     linear = getattr(parent, attr)
     if f"{prefix}.qweight" not in source.tensors:
         raise VexportError(f"{source.path} has no {prefix}.qweight: not a GPTQ checkpoint of every decoder Linear")
-    groups = source.tensors[f"{prefix}.scales"][2][0]
+    scales = source.tensors.get(f"{prefix}.scales")
+    if scales is None or len(scales[2]) != 2:
+        raise VexportError(f"{source.path}: {prefix}.scales is missing or not 2-D [groups, out_features]")
+    groups = scales[2][0]
     quant = QuantLinear(linear.in_features, linear.out_features, groups, linear.bias is not None, dtype, "meta")
     setattr(parent, attr, quant)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vexport.errors import MissingDependencyError
+from vexport.errors import CorruptFileError, MissingDependencyError
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +29,17 @@ class OnnxRuntimeRunner:
             )
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ORT fuses blocked int4 DequantizeLinear + MatMul (the TensorRT-bound graph) into MatMulNBits with
+        # int8 activations by default (accuracy level 4); level 1 keeps float32 compute, the graph's own numerics
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         if threads:
             options.intra_op_num_threads = threads
-        providers = self._providers()
-        self.session = ort.InferenceSession(str(graph), options, providers=providers)
+        check_external_data(graph)
+        try:
+            self.session = ort.InferenceSession(str(graph), options, providers=self._providers())
+        except Exception as exc:  # ORT raises its own pybind types (Fail, InvalidGraph, ...): one line for the user
+            raise CorruptFileError(f"{graph}: ONNX Runtime cannot load it "
+                                   f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})") from None
         log.info("ONNX Runtime session on %s (%s)", self.device, self.session.get_providers()[0])
 
     def _providers(self) -> list:
@@ -61,6 +68,25 @@ class OnnxRuntimeRunner:
         torch.cuda.current_stream(self.device).synchronize()
         self.session.run_with_iobinding(binding)
         return out
+
+
+def check_external_data(graph: Path) -> None:
+    """Every external-data location of GRAPH (subgraphs included) must resolve inside its folder; the graph is
+    parsed without its external data, so nothing the locations name is opened."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    from vexport.safety import inside
+
+    try:
+        model = onnx.load(str(graph), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise CorruptFileError(f"{graph} is not a readable ONNX model ({type(exc).__name__})") from None
+    for tensor in _get_all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        inside(graph.parent, location, f"{graph.name} (external data of {tensor.name})")
 
 
 def _cuda_provider_usable() -> bool:

@@ -11,12 +11,19 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class TorchRunner:
-    """Runs a transformers ``*ForTokenClassification`` module; returns logits [B, T, 1] on its device."""
+    """Runs a transformers ``*ForTokenClassification`` module; returns logits [B, T, 1] on its device.
+
+    ``values`` goes through ``vexport.head.ValueHead``: on CUDA (with triton) the final norm and the score
+    are one fused kernel, and ``index`` scores only the tokens asked for.
+    """
 
     name = "torch"
 
     def __init__(self, module: torch.nn.Module):
+        from vexport.head import ValueHead
+
         self.module = module.eval()
+        self.head = ValueHead(self.module)
 
     @property
     def device(self) -> torch.device:
@@ -28,6 +35,15 @@ class TorchRunner:
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         out = self.module(input_ids=input_ids, attention_mask=attention_mask,
                           position_ids=position_ids(attention_mask), use_cache=False)
         return out.logits
+
+    @torch.inference_mode()
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               index: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 values [B, T] (padding not zeroed), or [K] at ``index`` (flat ``b * T + t`` positions)."""
+        ids, mask = input_ids.to(self.device, non_blocking=True), attention_mask.to(self.device, non_blocking=True)
+        index = index.to(self.device, non_blocking=True) if index is not None else None
+        return self.head.values(ids, mask, position_ids(mask), index)

@@ -40,11 +40,14 @@ class WeightSpec:
 
 # A Linear emitter: (builder, x, checkpoint prefix, node name, has bias) -> output name. The default is a MatMul
 # over the dense weight; the int4 graph passes one that emits MatMulNBits from GPTQ tensors.
-LinearEmitter = Callable[["_Builder", str, str, str, bool], str]
+LinearEmitter = Callable[["GraphBuilder", str, str, str, bool], str]
+# A head emitter: (builder, last hidden state, config, score has bias) -> logits before the float32 Cast. The default
+# is HF's final RMSNorm then the score Linear; the TensorRT-bound graph passes a folded head (export/onnx_trt.py).
+HeadEmitter = Callable[["GraphBuilder", str, Any, bool], str]
 
 
 @dataclass
-class _Builder:
+class GraphBuilder:
     dtype: str
     linear: LinearEmitter
     nodes: list = field(default_factory=list)
@@ -87,10 +90,10 @@ def rotary_tables(config) -> tuple[np.ndarray, float]:
     return rotary.inv_freq.float().numpy(), float(rotary.attention_scaling)
 
 
-def build_graph(config, dtype: str, score_bias: bool,
-                linear: LinearEmitter | None = None) -> tuple[onnx.ModelProto, list[WeightSpec]]:
+def build_graph(config, dtype: str, score_bias: bool, linear: LinearEmitter | None = None,
+                head: HeadEmitter | None = None) -> tuple[onnx.ModelProto, list[WeightSpec]]:
     """The graph without weight data, and the list of weights it expects, in order of first use."""
-    b = _Builder(dtype, linear or dense_linear)
+    b = GraphBuilder(dtype, linear or dense_linear)
     b.const("one_i64", np.array([1], np.int64))
     b.const("zero_i64", np.array(0, np.int64))
     positions = b.op("Sub", b.op("CumSum", "attention_mask", b.const("axis1", np.array(1, np.int64))), "one_i64")
@@ -100,15 +103,19 @@ def build_graph(config, dtype: str, score_bias: bool,
     hidden = b.op("Gather", b.weight("embed_tokens", "model.embed_tokens.weight"), "input_ids", axis=0)
     for i in range(config.num_hidden_layers):
         hidden = _decoder_layer(b, config, i, hidden, cos, sin, bias)
-    normed = _rms_norm(b, hidden, "model.norm.weight", "final_norm", config.rms_norm_eps)
-    logits = b.op("MatMul", normed, b.weight("score_weight", "score.weight", transpose=True))
-    if score_bias:
-        logits = b.op("Add", logits, b.weight("score_bias", "score.bias"))
+    logits = (head or dense_head)(b, hidden, config, score_bias)
     b.nodes.append(helper.make_node("Cast", [logits], [OUTPUT_NAME], name="logits_float32", to=TensorProto.FLOAT))
-    return _model(b), b.weights
+    return make_model(b), b.weights
 
 
-def _model(b: _Builder) -> onnx.ModelProto:
+def dense_head(b: GraphBuilder, hidden: str, config, score_bias: bool) -> str:
+    """HF's final RMSNorm, then the score Linear (+ bias)."""
+    normed = rms_norm(b, hidden, "model.norm.weight", "final_norm", config.rms_norm_eps)
+    logits = b.op("MatMul", normed, b.weight("score_weight", "score.weight", transpose=True))
+    return b.op("Add", logits, b.weight("score_bias", "score.bias")) if score_bias else logits
+
+
+def make_model(b: GraphBuilder) -> onnx.ModelProto:
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"]) for n in INPUT_NAMES]
     output = helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", "sequence", 1])
     graph = helper.make_graph(b.nodes, "value_model", inputs, [output], initializer=b.constants)
@@ -117,7 +124,7 @@ def _model(b: _Builder) -> onnx.ModelProto:
     return model
 
 
-def _rotary(b: _Builder, config, positions: str) -> tuple[str, str]:
+def _rotary(b: GraphBuilder, config, positions: str) -> tuple[str, str]:
     inv_freq, scaling = rotary_tables(config)
     freqs = b.op("Mul", b.op("Unsqueeze", b.op("Cast", positions, to=TensorProto.FLOAT), b.const("axis_last", np.array([-1], np.int64))),
                  b.const("inv_freq", inv_freq.reshape(1, 1, -1)))
@@ -130,7 +137,7 @@ def _rotary(b: _Builder, config, positions: str) -> tuple[str, str]:
     return tables[0], tables[1]
 
 
-def _attention_bias(b: _Builder) -> str:
+def _attention_bias(b: GraphBuilder) -> str:
     """float32 [B, 1, T, T]: 0 where query i may attend key j (j <= i and j is a real token), else -1e9."""
     length = b.op("Gather", b.op("Shape", "input_ids"), "one_i64")  # [1]
     length = b.op("Squeeze", length, b.const("axis0", np.array([0], np.int64)))
@@ -143,7 +150,7 @@ def _attention_bias(b: _Builder) -> str:
                 b.const("masked_f32", np.array(_MASKED, np.float32)))
 
 
-def _rms_norm(b: _Builder, x: str, source: str, name: str, eps: float) -> str:
+def rms_norm(b: GraphBuilder, x: str, source: str, name: str, eps: float) -> str:
     x32 = b.op("Cast", x, to=TensorProto.FLOAT)
     var = b.op("ReduceMean", b.op("Mul", x32, x32), axes=[-1], keepdims=1)
     inv = b.op("Reciprocal", b.op("Sqrt", b.op("Add", var, b.const(f"{name}_eps", np.array(eps, np.float32)))))
@@ -151,22 +158,22 @@ def _rms_norm(b: _Builder, x: str, source: str, name: str, eps: float) -> str:
     return b.op("Mul", b.weight(f"{name}_weight", source), normed)
 
 
-def dense_linear(b: _Builder, x: str, source: str, name: str, bias: bool) -> str:
+def dense_linear(b: GraphBuilder, x: str, source: str, name: str, bias: bool) -> str:
     """x @ W^T (+ b) with W stored transposed, [in, out]."""
     y = b.op("MatMul", x, b.weight(f"{name}_weight", f"{source}.weight", transpose=True))
     return b.op("Add", y, b.weight(f"{name}_bias", f"{source}.bias")) if bias else y
 
 
-def _decoder_layer(b: _Builder, config, i: int, hidden: str, cos: str, sin: str, bias: str) -> str:
+def _decoder_layer(b: GraphBuilder, config, i: int, hidden: str, cos: str, sin: str, bias: str) -> str:
     prefix = f"model.layers.{i}"
-    normed = _rms_norm(b, hidden, f"{prefix}.input_layernorm.weight", f"l{i}_input_norm", config.rms_norm_eps)
+    normed = rms_norm(b, hidden, f"{prefix}.input_layernorm.weight", f"l{i}_input_norm", config.rms_norm_eps)
     hidden = b.op("Add", hidden, _attention(b, config, i, normed, cos, sin, bias))
-    normed = _rms_norm(b, hidden, f"{prefix}.post_attention_layernorm.weight", f"l{i}_post_norm",
+    normed = rms_norm(b, hidden, f"{prefix}.post_attention_layernorm.weight", f"l{i}_post_norm",
                        config.rms_norm_eps)
     return b.op("Add", hidden, _mlp(b, config, i, normed))
 
 
-def _mlp(b: _Builder, config, i: int, x: str) -> str:
+def _mlp(b: GraphBuilder, config, i: int, x: str) -> str:
     prefix, bias = f"model.layers.{i}.mlp", bool(getattr(config, "mlp_bias", False))
     gate = b.linear(b, x, f"{prefix}.gate_proj", f"l{i}_gate", bias)
     up = b.linear(b, x, f"{prefix}.up_proj", f"l{i}_up", bias)
@@ -174,12 +181,12 @@ def _mlp(b: _Builder, config, i: int, x: str) -> str:
     return b.linear(b, b.op("Mul", act, up), f"{prefix}.down_proj", f"l{i}_down", bias)
 
 
-def _heads(b: _Builder, x: str, heads: int, head_dim: int, name: str) -> str:
+def _heads(b: GraphBuilder, x: str, heads: int, head_dim: int, name: str) -> str:
     shape = b.const(f"{name}_shape", np.array([0, 0, heads, head_dim], np.int64))
     return b.op("Transpose", b.op("Reshape", x, shape), perm=[0, 2, 1, 3])  # [B, heads, T, head_dim]
 
 
-def _rope(b: _Builder, x: str, cos: str, sin: str, head_dim: int) -> str:
+def _rope(b: GraphBuilder, x: str, cos: str, sin: str, head_dim: int) -> str:
     half = head_dim // 2
     first = b.op("Slice", x, b.const(f"s0_{half}", np.array([0], np.int64)),
                  b.const(f"s1_{half}", np.array([half], np.int64)), b.const("axis3", np.array([3], np.int64)))
@@ -188,7 +195,7 @@ def _rope(b: _Builder, x: str, cos: str, sin: str, head_dim: int) -> str:
     return b.op("Add", b.op("Mul", x, cos), b.op("Mul", rotated, sin))
 
 
-def _repeat_kv(b: _Builder, x: str, heads: int, kv_heads: int, head_dim: int, i: int) -> str:
+def _repeat_kv(b: GraphBuilder, x: str, heads: int, kv_heads: int, head_dim: int, i: int) -> str:
     if heads == kv_heads:
         return x
     expanded = b.op("Unsqueeze", x, b.const(f"l{i}_axis2", np.array([2], np.int64)))  # [B, kv, 1, T, d]
@@ -198,7 +205,7 @@ def _repeat_kv(b: _Builder, x: str, heads: int, kv_heads: int, head_dim: int, i:
     return b.op("Reshape", b.op("Expand", expanded, shape), b.const(f"l{i}_kv_shape", np.array([0, heads, -1, head_dim], np.int64)))
 
 
-def _attention(b: _Builder, config, i: int, x: str, cos: str, sin: str, bias: str) -> str:
+def _attention(b: GraphBuilder, config, i: int, x: str, cos: str, sin: str, bias: str) -> str:
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     prefix, qkv_bias = f"model.layers.{i}.self_attn", bool(getattr(config, "attention_bias", False))

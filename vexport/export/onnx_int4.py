@@ -43,6 +43,7 @@ CONTRIB_DOMAIN = "com.microsoft"
 MAX_BLOCK = 128  # MLAS' fast 4-bit kernels cover 16..256; 128 is the common GPTQ group size
 MIN_BLOCK = 16
 _NP_DTYPE = {"float32": np.float32, "float16": np.float16}
+_TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,13 @@ def matmul_nbits_tensors(packed: dict[str, torch.Tensor], plan: BlockPlan, dtype
     }
 
 
+def _same_plan(a: BlockPlan, b: BlockPlan) -> bool:
+    """Linears can share one MatMulNBits (concatenated along N) when K, act-order and block size agree."""
+    same_order = (a.order is None and b.order is None) or (
+        a.order is not None and b.order is not None and np.array_equal(a.order, b.order))
+    return same_order and a.block_size == b.block_size and a.n_blocks == b.n_blocks
+
+
 def _pack_nibbles(values: torch.Tensor) -> torch.Tensor:
     """uint8 [R, C] codes (0..15) -> uint8 [R, ceil(C / 2)], element 2j in the low nibble of byte j."""
     if values.shape[1] % 2:
@@ -110,8 +118,11 @@ class MatMulNBitsEmitter:
     are converted when the writer streams them, one Linear at a time.
     """
 
-    def __init__(self, source: ModelSource):
+    def __init__(self, source: ModelSource, accuracy_level: int | None = None):
         self.source = source
+        # MatMulNBits' accuracy_level 4: MLAS multiplies int8-quantized activations (per token and block) with the
+        # int4 codes, much faster on CPU than float compute; None leaves the attribute out (float compute)
+        self.accuracy_level = accuracy_level
         self.options = gptq_options(source.config, source.path / "config.json")
         self.block_sizes: set[int] = set()
         self._gathers: dict[tuple[str, bytes], str] = {}
@@ -129,7 +140,53 @@ class MatMulNBitsEmitter:
                         for part in ("B", "scales", "zero_points")]
         if bias:
             inputs += ["", b.weight(f"{name}_bias", f"{prefix}.bias")]  # "" is the deprecated g_idx input
-        return b.op("MatMulNBits", *inputs, domain=CONTRIB_DOMAIN, K=k, N=n, bits=4, block_size=plan.block_size)
+        return b.op("MatMulNBits", *inputs, domain=CONTRIB_DOMAIN, K=k, N=n, bits=4, block_size=plan.block_size,
+                    **self._accuracy())
+
+    def fused(self, b, x: str, prefixes: list[str], name: str, bias: bool) -> str:
+        """A ``FusedLinear`` for the optimized graph: one MatMulNBits over Linears that read the same input,
+        concatenated along N when their block plans match (same act-order and block size), else one each."""
+        plans = [self._plan(p) for p in prefixes]
+        if len(prefixes) == 1 or not all(_same_plan(plans[0], p) for p in plans[1:]):
+            outputs = [self(b, x, p, f"{name}_{j}", bias) for j, p in enumerate(prefixes)]
+            return outputs[0] if len(outputs) == 1 else b.op("Concat", *outputs, axis=-1)
+        plan, k = plans[0], self.source.tensors[f"{prefixes[0]}.g_idx"][2][0]
+        n = sum(self.source.tensors[f"{p}.qweight"][2][1] for p in prefixes)
+        if plan.order is not None:
+            x = self._gather(b, x, plan.order, prefixes[0], name)
+        inputs = [x] + [b.weight(f"{name}_{part}", f"{prefixes[0]}.qweight",
+                                 make=self._fused_maker(prefixes, plan, part, b.dtype))
+                        for part in ("B", "scales", "zero_points")]
+        if bias:
+            inputs += ["", b.weight(f"{name}_bias", f"{prefixes[0]}.bias",
+                                    make=lambda read: torch.cat([read(f"{p}.bias") for p in prefixes])
+                                    .to(_TORCH_DTYPE[b.dtype]).numpy())]
+        return b.op("MatMulNBits", *inputs, domain=CONTRIB_DOMAIN, K=k, N=n, bits=4, block_size=plan.block_size,
+                    **self._accuracy())
+
+    def _accuracy(self) -> dict:
+        return {} if self.accuracy_level is None else {"accuracy_level": self.accuracy_level}
+
+    def _plan(self, prefix: str) -> BlockPlan:
+        if f"{prefix}.qweight" not in self.source.tensors:
+            raise VexportError(f"{self.source.path} has no {prefix}.qweight: every decoder Linear must be GPTQ")
+        plan = plan_blocks(self.source.read_tensor(f"{prefix}.g_idx").numpy(), f"{self.source.path}: {prefix}")
+        self.block_sizes.add(plan.block_size)
+        return plan
+
+    def _fused_maker(self, prefixes: list[str], plan: BlockPlan, part: str, dtype: str) -> Callable:
+        def make(read: Callable[[str], torch.Tensor]) -> np.ndarray:
+            key = "+".join(prefixes)
+            if self._cache is None or self._cache[0] != key:
+                tensors = []
+                for prefix in prefixes:
+                    packed = {t: read(f"{prefix}.{t}") for t in ("qweight", "qzeros", "scales", "g_idx")}
+                    tensors.append(matmul_nbits_tensors(packed, plan_blocks(packed["g_idx"].numpy()), dtype))
+                self._cache = (key, {p: np.concatenate([t[p] for t in tensors]) for p in ("B", "scales",
+                                                                                          "zero_points")})
+            return self._cache[1][part]
+
+        return make
 
     def _gather(self, b, x: str, order: np.ndarray, prefix: str, name: str) -> str:
         key = (x, order.tobytes())
@@ -151,7 +208,8 @@ class MatMulNBitsEmitter:
         """What the manifest records about the int4 graph."""
         keys = ("bits", "group_size", "desc_act", "sym", "checkpoint_format")
         return {"activation_dtype": dtype, **{k: self.options[k] for k in keys},
-                "matmul_nbits_block_sizes": sorted(self.block_sizes), "act_order_gathers": len(self._gathers)}
+                "matmul_nbits_block_sizes": sorted(self.block_sizes), "act_order_gathers": len(self._gathers),
+                "matmul_nbits_accuracy_level": self.accuracy_level or 0}
 
 
 def add_contrib_opset(model: onnx.ModelProto) -> None:

@@ -92,6 +92,11 @@ def _checked_tensors(tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor
             f"GPTQ v1 shapes disagree: qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, "
             f"scales {tuple(scales.shape)}, g_idx {tuple(g_idx.shape)}"
         )
+    if out_f % PER_WORD or n_groups < 1 or not scales.is_floating_point():
+        raise InputError(f"GPTQ v1 needs out_features divisible by {PER_WORD}, at least one group and float scales, "
+                         f"got scales {tuple(scales.shape)} {scales.dtype}")
+    if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
+        raise InputError(f"GPTQ v1 g_idx must lie in 0..{n_groups - 1}")
     return qweight, qzeros, scales, g_idx
 
 

@@ -3,8 +3,9 @@
 The caller builds the dict: a one-artifact report (artifact, reference, evalset, environment,
 `ParityResult.to_dict()`, worst sequences) or a comparison report (the reference, then `artifacts`, each with
 its costs, parity, worst sequences and plot data; see vexport/data/report.schema.json); the writers only
-render it. HTML needs a comparison report and draws its plots with matplotlib (imported only then). Files are written atomically: a temporary file in the same folder,
-then `os.replace`, so a reader never sees half a report.
+render it. HTML needs a comparison report and draws its plots with matplotlib (imported only then).
+Files are written atomically: a temporary file in the same folder, then `os.replace`, so a reader never
+sees half a report.
 """
 
 from __future__ import annotations

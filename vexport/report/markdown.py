@@ -173,9 +173,10 @@ def _comparison_title(data: Mapping[str, Any]) -> list[str]:
 
 
 def _summary(data: Mapping[str, Any]) -> list[str]:
-    rows = [[f"{c.text} ✗" if c.status == "fail" else c.text for c in row] for row in summary_rows(data)]
+    rows = [[f"{c.text} ✗" if c.status == "fail" and not c.text.startswith("FAIL") else c.text for c in row]
+            for row in summary_rows(data)]
     note = ("Size on disk: every file of the folder. Load: seconds to load. Throughput: real tokens per second "
-            "scoring the evaluation set in this run, after one warm-up batch.")
+            "scoring the evaluation set in this run, after one warm-up sequence. ✗: fails its threshold.")
     return ["## Summary", "", *_table(HEADER, rows), "", note]
 
 
