@@ -1,0 +1,109 @@
+"""Score datasets with a value model: ``score(model, input, output)``, in-process or on a Ray cluster.
+
+    input (JSONL/Parquet, a file or a folder) ─► inputs.py: index once, read window by window
+        ─► engine: local.py (one process) or ray.py (Ray Data + an actor pool)
+            each window: rows.py (validate, render, tokenize) ─► scorer.py (token-budget batches, values)
+        ─► commit.py (--strict) ─► sink.py: part-{start}-{stop}.parquet, errors.jsonl, run.json, summary.json
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from vexport.errors import InputError, MissingDependencyError, VexportError
+from vexport.scoring.sink import read_errors, read_scores
+
+__all__ = ["ENGINES", "RAY_INSTALL", "read_errors", "read_scores", "score"]
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("local", "ray")
+RAY_INSTALL = "pip install 'vexport[ray]'"
+
+
+def score(model: str | Path, input: str | Path, output: str | Path, *, per_token: bool = False,
+          max_length: int | None = None, batch_tokens: int = 8192, engine: str = "local",
+          ray_address: str | None = None, workers: int | None = None, resume: bool = False, strict: bool = False,
+          force: bool = False, append_eos: bool = False, part_rows: int = 1024, threads: int | None = None,
+          device: str | None = None, padding_side: str = "right", fixed_batch_rows: int | None = None,
+          allow_pickle: bool = False, progress: bool = False) -> dict:
+    """Score every row of INPUT with MODEL (any artifact, or a Hugging Face value model) into OUTPUT.
+
+    Returns the summary (also written to OUTPUT/summary.json). With ``resume``, windows that already have a
+    part are skipped; the input, model and output-shaping options must be those of the first run.
+    """
+    from vexport.scoring.inputs import index_input
+    from vexport.scoring.job import describe_model, resolve_max_length, run_state, summary
+    from vexport.scoring.scorer import ScorerOptions
+    from vexport.scoring.sink import OutputFolder
+
+    _check_arguments(engine, batch_tokens, workers, threads, ray_address, padding_side, input, output)
+    info = describe_model(model, allow_pickle=allow_pickle)
+    options = ScorerOptions(resolve_max_length(max_length, info), batch_tokens, per_token, append_eos, padding_side,
+                            fixed_batch_rows)
+    plan = index_input(input, part_rows)
+    with _engine(engine, ray_address, workers, device, threads) as runner:  # joins Ray before writing anything
+        folder = OutputFolder.open(output, run_state(plan, info, options), resume=resume, force=force)
+        run = _score_pending(runner, folder, info, plan, options, strict, progress)
+    folder.rebuild_errors()
+    result = summary(plan, info, options, list(folder.parts()), run)
+    folder.write_summary(result)
+    return result
+
+
+def _score_pending(runner, folder, info, plan, options, strict: bool, progress: bool) -> dict:
+    """Score the windows that have no part yet; this run's counts and timing."""
+    from vexport.scoring.commit import WindowCommitter
+    from vexport.scoring.progress import score_progress
+
+    done = {p.start for p in folder.parts()}
+    pending = [w for w in plan.windows() if w.start not in done]
+    log.info("%d of %d windows already scored in %s", len(done), len(done) + len(pending), folder.path)
+    start = time.perf_counter()
+    with score_progress(sum(w.rows for w in pending), progress) as advance:
+        commit = WindowCommitter(folder, plan, strict, advance)
+        run = runner.run(info, plan, pending, options, commit)
+    return {**run, "rows": commit.rows, "tokens": commit.tokens, "seconds": time.perf_counter() - start,
+            "skipped_parts": len(done)}
+
+
+def _engine(engine: str, ray_address: str | None, workers: int | None, device: str | None, threads: int | None):
+    """The engine, a context manager with ``run(info, plan, windows, options, commit) -> dict``."""
+    if engine == "local":
+        from vexport.scoring.local import LocalEngine
+
+        return LocalEngine(device=device, threads=threads)
+    from vexport.scoring.ray import RayEngine
+
+    return RayEngine(address=ray_address, workers=workers, device=device, threads=threads)
+
+
+def require_ray() -> None:
+    """--engine ray needs the optional Ray Data install."""
+    try:
+        import ray  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError(f"--engine ray needs Ray Data, which is not installed: {RAY_INSTALL}") from None
+
+
+def _check_arguments(engine: str, batch_tokens: int, workers: int | None, threads: int | None,
+                     ray_address: str | None, padding_side: str, input: str | Path, output: str | Path) -> None:
+    if engine not in ENGINES:
+        raise VexportError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "local" and (workers is not None or ray_address is not None):
+        raise VexportError("--workers and --ray-address are for --engine ray (the local engine is one process)")
+    if engine == "ray":
+        require_ray()
+    if batch_tokens < 1:
+        raise VexportError(f"--batch-tokens must be at least 1, got {batch_tokens}")
+    for flag, value in (("--workers", workers), ("--threads", threads)):
+        if value is not None and value < 1:
+            raise VexportError(f"{flag} must be at least 1, got {value}")
+    if padding_side not in ("left", "right"):
+        raise InputError(f"padding side must be left or right, got {padding_side!r}")
+    source, target = Path(input).expanduser().absolute(), Path(output).expanduser().absolute()
+    if source == target or (source.is_dir() and source in target.parents):
+        raise VexportError(f"--output {target} is inside --input {source}: its parts would be read as input")

@@ -1,0 +1,113 @@
+"""Score one window of rows: encode, batch by token budget, run the model, and give one table row per input row.
+
+The window table has every input row of the window, in row order: scored rows with ``value``, ``num_tokens``
+(and ``values`` with per-token output), rejected rows with ``error``; ``slots`` is the padded width of the
+batch a scored row ran in, from which the padding fraction follows. The sink splits the table into the part
+file and errors.jsonl; both engines produce it with this same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from vexport.batching import pad_batch, unpad
+from vexport.errors import VexportError
+from vexport.scoring.rows import EncodedRow, RowEncoder
+
+MIN_LENGTH_RATIO = 0.75  # a batch holds rows at least 3/4 as long as its longest: padding under 25%
+
+
+@dataclass(frozen=True)
+class ScorerOptions:
+    """What decides the numbers in a window table (everything but the model)."""
+
+    max_length: int
+    batch_tokens: int = 8192
+    per_token: bool = False
+    append_eos: bool = False
+    padding_side: str = "right"
+    fixed_batch_rows: int | None = None  # baseline for benchmarks: batches of N rows in input order, unsorted
+
+
+def plan_batches(lengths: Sequence[int], batch_tokens: int, fixed_batch_rows: int | None = None) -> list[list[int]]:
+    """Batches of similar lengths, longest first: a batch ends when one more row would pass BATCH_TOKENS
+    (rows x longest) or would be under MIN_LENGTH_RATIO of its longest row, so padding stays under 25%.
+
+    With FIXED_BATCH_ROWS: batches of that many rows in input order, unsorted (the baseline benchmarks use).
+    """
+    if fixed_batch_rows:
+        starts = range(0, len(lengths), fixed_batch_rows)
+        return [list(range(i, min(i + fixed_batch_rows, len(lengths)))) for i in starts]
+    if batch_tokens < 1:
+        raise VexportError(f"--batch-tokens must be at least 1, got {batch_tokens}")
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if batches:
+            longest = lengths[batches[-1][0]]
+            if (len(batches[-1]) + 1) * longest <= batch_tokens and lengths[i] >= MIN_LENGTH_RATIO * longest:
+                batches[-1].append(i)
+                continue
+        batches.append([i])
+    return batches
+
+
+def window_schema(id_kind: str | None, per_token: bool):
+    """Columns of a window table (see the module docstring)."""
+    import pyarrow as pa
+
+    fields = [pa.field("row", pa.int64(), nullable=False)]
+    if id_kind:
+        fields.append(pa.field("id", pa.int64() if id_kind == "int" else pa.string()))
+    fields += [pa.field("value", pa.float32()), pa.field("num_tokens", pa.int32())]
+    if per_token:
+        fields.append(pa.field("values", pa.list_(pa.float32())))
+    return pa.schema([*fields, pa.field("error", pa.string()), pa.field("slots", pa.int64())])
+
+
+class WindowScorer:
+    """A loaded ValueModel plus the options: ``scorer(start, lines)`` gives the window table."""
+
+    def __init__(self, model: Any, options: ScorerOptions, id_kind: str | None = None):
+        tokenizer = model.tokenizer
+        self.model, self.options, self.id_kind = model, options, id_kind
+        self.encoder = RowEncoder(tokenizer, options.max_length, options.append_eos, id_kind)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad if pad is not None else 0  # the mask decides what is padding, never the pad id
+
+    def __call__(self, start: int, lines: Sequence[bytes | None]):
+        rows = self.encoder.encode(lines)
+        scored = [i for i, r in enumerate(rows) if isinstance(r, EncodedRow)]
+        values, slots = self.values([rows[i].ids for i in scored])
+        return self._table(start, rows, dict(zip(scored, zip(values, slots))))
+
+    @torch.inference_mode()
+    def values(self, sequences: Sequence[Sequence[int]]) -> tuple[list[np.ndarray], list[int]]:
+        """Per-token values of each sequence (float32, unpadded) and the padded width it was computed at."""
+        out: list = [None] * len(sequences)
+        widths = [0] * len(sequences)
+        lengths = [len(s) for s in sequences]
+        for batch in plan_batches(lengths, self.options.batch_tokens, self.options.fixed_batch_rows):
+            ids, mask = pad_batch([sequences[i] for i in batch], self.pad_id, self.options.padding_side)
+            for i, row in zip(batch, unpad(self.model.values(ids, mask), mask)):
+                out[i], widths[i] = row, ids.shape[1]
+        return out, widths
+
+    def _table(self, start: int, rows: list, results: dict):
+        import pyarrow as pa
+
+        columns: dict[str, list] = {"row": list(range(start, start + len(rows)))}
+        if self.id_kind:
+            columns["id"] = [r.id if isinstance(r, EncodedRow) else None for r in rows]
+        got = [results.get(i) for i in range(len(rows))]
+        columns["value"] = [None if g is None else float(g[0][-1]) for g in got]
+        columns["num_tokens"] = [None if g is None else len(g[0]) for g in got]
+        if self.options.per_token:
+            columns["values"] = [None if g is None else g[0] for g in got]
+        columns["error"] = [r if isinstance(r, str) else None for r in rows]
+        columns["slots"] = [None if g is None else g[1] for g in got]
+        return pa.table(columns, schema=window_schema(self.id_kind, self.options.per_token))
