@@ -1,0 +1,31 @@
+"""Value-guided decoding with vexport value models: KV-cached sessions with tree-attention candidate scoring,
+shared-prompt best-of-n scoring, and decoding helpers for a Hugging Face causal-LM policy.
+
+- ``Session`` (``model.session(prompt_ids)``): ``values``, ``score(candidates)``, ``advance(tokens)``;
+- ``score_group`` (``model.score_group(prompt_ids, responses)``): per-token values of n responses to one prompt;
+- ``forward_with_cache``: the ``past_key_values``/``use_cache`` path of ``ValueModel.__call__``;
+- ``value_guided_generate`` and ``best_of_n``: decoding with a policy that shares the value model's tokenizer.
+
+Only the torch backends (``SESSION_BACKENDS``: the fp reference and the GPTQ int4 runtime) keep a KV cache.
+"""
+
+from __future__ import annotations
+
+from vexport.decoding.forward import SESSION_BACKENDS
+from vexport.decoding.generate import BestOfN, best_of_n, choose, sample_responses, value_guided_generate
+from vexport.decoding.group import score_group
+from vexport.decoding.incremental import ValueOutputWithPast, forward_with_cache
+from vexport.decoding.session import Session
+
+__all__ = [
+    "SESSION_BACKENDS",
+    "BestOfN",
+    "Session",
+    "ValueOutputWithPast",
+    "best_of_n",
+    "choose",
+    "forward_with_cache",
+    "sample_responses",
+    "score_group",
+    "value_guided_generate",
+]
