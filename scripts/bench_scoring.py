@@ -8,7 +8,9 @@ spread evenly from 16 to 1024 tokens, then, in this one run:
 2. starts a local Ray instance with 2 CPUs and scores the set with 1 and with 2 CPU workers of one thread
    each; prints tokens/s of each (wall time of the whole run, actor start-up included) and the ratio.
 
-    python scripts/bench_scoring.py [--rows 256] [--part-rows 16] [--skip-ray] [--workdir DIR]
+    python scripts/bench_scoring.py [--rows 256] [--ray-rows 512] [--skip-batching] [--skip-ray] [--workdir DIR]
+
+Both ratios need the CPUs to themselves: on a machine shared with other work they mean little.
 """
 
 from __future__ import annotations
@@ -83,7 +85,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--part-rows", type=int, default=256, help="rows per window for the batching comparison")
+    parser.add_argument("--ray-rows", type=int, default=512, help="rows for the Ray comparison (start-up is in it)")
     parser.add_argument("--ray-part-rows", type=int, default=16, help="rows per window for the Ray comparison")
+    parser.add_argument("--skip-batching", action="store_true")
     parser.add_argument("--skip-ray", action="store_true")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
@@ -92,15 +96,18 @@ def main() -> None:
     lengths = mixed_length_set(model, work / "mixed.jsonl", args.rows)
     print(f"mixed-length set: {len(lengths)} rows, {sum(lengths)} tokens, lengths {min(lengths)}..{max(lengths)} "
           f"(mean {sum(lengths) / len(lengths):.0f}); model hidden 256, 4 layers")
-    results = {"batching": batching(model, work / "mixed.jsonl", work, args.part_rows)}
-    b = results["batching"]
-    for name, r in b.items():
-        print(f"{name:14} {r['tokens_per_s']:9.0f} tokens/s  padding {r['padding_fraction']:.2f}  {r['seconds']:.1f} s")
-    ratio = b["token_budget"]["tokens_per_s"] / b["fixed_16_rows"]["tokens_per_s"]
-    print(f"token-budget / fixed-16 tokens/s: {ratio:.2f}x")
-    results["batching_ratio"] = ratio
+    results = {}
+    if not args.skip_batching:
+        results["batching"] = b = batching(model, work / "mixed.jsonl", work, args.part_rows)
+        for name, r in b.items():
+            print(f"{name:14} {r['tokens_per_s']:9.0f} tokens/s  padding {r['padding_fraction']:.2f}  "
+                  f"{r['seconds']:.1f} s")
+        results["batching_ratio"] = b["token_budget"]["tokens_per_s"] / b["fixed_16_rows"]["tokens_per_s"]
+        print(f"token-budget / fixed-16 tokens/s: {results['batching_ratio']:.2f}x")
     if not args.skip_ray:
-        results["ray"] = ray_workers(model, work / "mixed.jsonl", work, args.ray_part_rows)
+        ray_lengths = mixed_length_set(model, work / "mixed-ray.jsonl", args.ray_rows, seed=1)
+        print(f"Ray set: {len(ray_lengths)} rows, {sum(ray_lengths)} tokens; a local Ray instance with 2 CPUs")
+        results["ray"] = ray_workers(model, work / "mixed-ray.jsonl", work, args.ray_part_rows)
         for name, r in results["ray"].items():
             print(f"ray {name:10} {r['tokens_per_s']:9.0f} tokens/s  {r['seconds']:.1f} s (one thread per worker)")
         results["ray_ratio"] = results["ray"]["2_workers"]["tokens_per_s"] / results["ray"]["1_workers"]["tokens_per_s"]

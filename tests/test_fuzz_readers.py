@@ -154,23 +154,24 @@ def test_onnx_graph_bytes(tmp_path_factory, blob):
 
 
 # --------------------------------------------------------------------------------------- scoring rows
-SCORING_KNOWN_CRASHES = (b"[" * 100_000, b'{"a":' * 50_000, b"1" * 5000)  # see test_scoring_row_known_crashes
+# Lines the fuzzer once crashed the reader with (json.loads raised RecursionError / ValueError, a lone
+# surrogate broke the UTF-8 writer): each must now be a rejected row with a reason.
+SCORING_FOUND_CRASHES = (b"[" * 100_000, b'{"a":' * 50_000, b"1" * 5000, b'{"text": "a\\ud800b"}')
 
 
 @FUZZ
-@given(line=json_values.map(lambda v: json.dumps(v).encode())
-       | (raw_bytes.filter(lambda b: b not in SCORING_KNOWN_CRASHES)))
+@given(line=json_values.map(lambda v: json.dumps(v).encode()) | raw_bytes)
 def test_scoring_row(tiny_model_dir, line):
     targets.scoring_row(targets.tokenizer(tiny_model_dir), line)
 
 
-@pytest.mark.xfail(raises=(RecursionError, ValueError), strict=False,
-                   reason="known, reported to the scoring owner: vexport/scoring/rows.py parse_line lets json.loads "
-                          "raise RecursionError (deeply nested line) and ValueError (integer over 4300 digits) "
-                          "instead of rejecting the row")
-@pytest.mark.parametrize("line", SCORING_KNOWN_CRASHES, ids=["deep_array", "deep_object", "huge_integer"])
-def test_scoring_row_known_crashes(tiny_model_dir, line):
-    targets.scoring_row(targets.tokenizer(tiny_model_dir), line)
+@pytest.mark.parametrize("line", SCORING_FOUND_CRASHES,
+                         ids=["deep_array", "deep_object", "huge_integer", "lone_surrogate"])
+def test_scoring_row_found_crashes_are_rejected(tiny_model_dir, line):
+    from vexport.scoring.rows import RowEncoder
+
+    (out,) = RowEncoder(targets.tokenizer(tiny_model_dir), 64).encode([line])
+    assert isinstance(out, str) and out.encode("utf-8"), out
 
 
 @FUZZ
@@ -179,8 +180,5 @@ def test_scoring_input_file(tmp_path_factory, data, suffix):
     _ends_well(lambda: targets.scoring_input(tmp_path_factory.getbasetemp(), data, suffix))
 
 
-@pytest.mark.xfail(raises=RecursionError, strict=False,
-                   reason="known, reported to the scoring owner: vexport/scoring/inputs.py _jsonl_id_kind catches "
-                          "ValueError but not RecursionError from json.loads on a deeply nested line with \"id\"")
 def test_scoring_input_deep_line_with_id(tmp_path_factory):
     targets.scoring_input(tmp_path_factory.getbasetemp(), b"[" * 5000 + b'"id"\n', ".jsonl")

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vexport.errors import VexportError
-from vexport.scoring.scorer import MIN_LENGTH_RATIO, plan_batches
+from vexport.scoring.scorer import MIN_BATCH_FRACTION, MIN_LENGTH_RATIO, plan_batches
 
 
 @settings(max_examples=200, deadline=None)
@@ -20,13 +20,15 @@ def test_every_row_once_within_budget_and_similar_lengths(lengths, budget):
         assert lengths[batch[0]] == longest
         if len(batch) > 1:
             assert len(batch) * longest <= budget
-            assert all(lengths[i] >= MIN_LENGTH_RATIO * longest for i in batch)  # padding under 25%
+        for k, i in enumerate(batch):  # a short row joins only a batch still under its minimum size
+            assert lengths[i] >= MIN_LENGTH_RATIO * longest or k * longest < MIN_BATCH_FRACTION * budget
 
 
 def test_similar_lengths_share_a_batch_up_to_the_budget():
     assert plan_batches([10, 10, 10, 10], 40) == [[0, 1, 2, 3]]
     assert plan_batches([10, 10, 10, 10], 39) == [[0, 1, 2], [3]]
-    assert plan_batches([100, 10, 99, 11], 10_000) == [[0, 2], [3, 1]]
+    assert plan_batches([100, 10, 99, 11], 10_000) == [[0, 2, 3, 1]]  # small batches do not split
+    assert plan_batches([1000, 100, 990, 110], 16_000) == [[0, 2], [3, 1]]  # 2,000 tokens: split at 75%
 
 
 def test_fixed_batches_keep_input_order():

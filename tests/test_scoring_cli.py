@@ -85,8 +85,9 @@ def test_sigkill_at_random_points_then_resume_gives_every_row_once(medium_model_
     score(medium_model_dir, data, tmp_path / "whole", part_rows=20)
     seed = random.SystemRandom().randrange(1 << 30)
     out = tmp_path / "out"
-    args = ["score", medium_model_dir, "--input", data, "--output", out, "--part-rows", "20", "--resume"]
-    parts_at_kill = kill_at_random_points(args, out, kills=4, rng=random.Random(seed), log=tmp_path / "log.txt")
+    args = ["score", medium_model_dir, "--input", data, "--output", out, "--part-rows", "20", "--threads", "1",
+            "--resume"]
+    parts_at_kill = kill_at_random_points(args, out, kills=3, rng=random.Random(seed), log=tmp_path / "log.txt")
     partway = [p for p in parts_at_kill if 0 < p < 20]
-    assert len(parts_at_kill) == 4 and len(partway) >= 3, f"seed {seed}: parts at each kill {parts_at_kill}"
+    assert len(parts_at_kill) == 3 and len(partway) >= 2, f"seed {seed}: parts at each kill {parts_at_kill}"
     assert_every_row_once(out, tmp_path / "whole", rows)

@@ -106,3 +106,10 @@ def test_bad_inputs_are_one_line_errors_naming_the_flag(tmp_path):
         index_input(tmp_path / "cols.parquet", 8)
     with pytest.raises(VexportError, match="--part-rows"):
         index_input(write_jsonl(tmp_path / "ok.jsonl", [{"text": "a"}]), 0)
+
+
+def test_id_kind_skips_lines_it_cannot_parse(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"[" * 5000 + b'"id"\n' + b'{"id": 1' + b"0" * 5000 + b"}\n" + b'{"text": "a", "id": "x"}\n')
+    plan = index_input(path, 2)
+    assert plan.id_kind == "str" and plan.total_rows == 3

@@ -73,6 +73,13 @@ def test_ids_are_carried_through(tokenizer):
     ({"messages": [{"role": "assistant", "content": "hi"}]}, "only an assistant turn"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "chat template failed: unknown role: robot"),
     ({"messages": [{"role": "user", "content": "a"}], "prompt": "b"}, "'messages' together with"),
+    (b'{"text": "a\\ud800b"}', "text is not valid Unicode"),
+    (b'{"prompt": "\\udfff", "response": "b"}', "the chat is not valid Unicode"),
+    (b'{"messages": [{"role": "\\ud800", "content": "b"}]}', "chat template failed: unknown role: \\ud800"),
+    (b"[" * 100_000, "not valid JSON (RecursionError"),
+    (b'{"a":' * 50_000, "not valid JSON (RecursionError"),
+    (b"1" * 5000, "not valid JSON (ValueError"),
+    (b'{"text": 1' + b"0" * 5000 + b"}", "not valid JSON (ValueError"),
 ])
 def test_bad_rows_are_rejected_with_a_reason(tokenizer, record, reason):
     out = _encode(tokenizer, record)
@@ -84,6 +91,7 @@ def test_bad_rows_are_rejected_with_a_reason(tokenizer, record, reason):
     ({"text": "a", "id": "x"}, "int", "is not an integer"),
     ({"text": "a", "id": True}, "int", "is not an integer"),
     ({"text": "a", "id": 3}, "str", "is not a string"),
+    (b'{"text": "a", "id": "\\ud800"}', "str", "id is not valid Unicode"),
 ])
 def test_an_id_of_the_wrong_type_is_rejected(tokenizer, record, kind, reason):
     out = _encode(tokenizer, record, id_kind=kind)

@@ -187,7 +187,7 @@ def _jsonl_id_kind(path: Path) -> str | None:
                 continue
             try:
                 value = json.loads(line).get(ID_FIELD)
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):  # not an object, or nested too deep: a bad row
                 continue
             if isinstance(value, str):
                 return "str"

@@ -94,7 +94,7 @@ def summary(plan: InputPlan, info: ModelInfo, options: ScorerOptions, parts: lis
                      "rows_per_s": run["rows"] / seconds, "tokens_per_s": run["tokens"] / seconds,
                      "parts_already_done": run["skipped_parts"]},
         "engine": run["engine"], "workers": run["workers"], "threads": run.get("threads"),
-        "device": run.get("device"),
+        "device": run.get("device"), "ray_address": run.get("ray_address"),
         "options": {**asdict(options), "part_rows": plan.part_rows},
         "model": {"name": info.name, "format": info.format, "sha256": info.sha256, **info.summary},
         "versions": library_versions(), "created": now_iso(),

@@ -4,8 +4,9 @@ Reading is a Ray Data datasource whose blocks are whole windows (one row each: t
 window is never split between actors and is batched exactly as the local engine batches it. ``map_batches``
 runs :class:`WindowActor`, which loads the model once per actor (one GPU per actor where the cluster has GPUs,
 CPU actors otherwise). The driver receives each window's rows and commits them through the same sink as the
-local engine, so the output folder (parts, errors.jsonl, resume) is the same; only MODEL must be reachable
-from every node. Ray does all the distribution: there is no scheduler or worker pool here.
+local engine, so the output folder (parts, errors.jsonl, resume) is the same. Reads run on the driver's node;
+only MODEL (a folder on a shared file system, or a hub id) must be reachable from every node. Ray does all the
+distribution: there is no scheduler or worker pool here.
 """
 
 from __future__ import annotations
@@ -172,6 +173,11 @@ class WindowDatasource(Datasource):
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
+
+    @property
+    def supports_distributed_reads(self) -> bool:
+        """Read on the driver's node, which indexed the input and so can read it (reading is light)."""
+        return False
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:

@@ -56,8 +56,8 @@ class RowEncoder:
             try:
                 requests.append(self._request(line))
             except RowRejected as exc:
-                requests.append(str(exc))
-        ids = self._tokenize([r for r in requests if isinstance(r, _Request)])
+                requests.append(printable(str(exc)))
+        ids = iter(self._tokenize([r for r in requests if isinstance(r, _Request)]))
         return [r if isinstance(r, str) else self._finish(r, next(ids)) for r in requests]
 
     def _request(self, line: bytes | None) -> _Request:
@@ -68,22 +68,36 @@ class RowEncoder:
         if len(text) > cap:
             raise RowRejected(f"{len(text)} characters, over the {cap}-character cap for --max-length "
                               f"{self.max_length} ({CHARS_PER_TOKEN_CAP} per token)")
-        return _Request(text, chat, row_id)
+        return _Request(valid_unicode(text, "the chat" if chat else "text"), chat, row_id)
 
-    def _tokenize(self, requests: list[_Request]):
-        """Token ids for every request, in order: plain texts as tokenizer(text), chats without a second bos."""
-        out: list[list[int] | None] = [None] * len(requests)
+    def _tokenize(self, requests: list[_Request]) -> list[list[int] | str]:
+        """Token ids for every request, in order: plain texts as tokenizer(text) (in one call), chats without a
+        second bos; a text the tokenizer fails on is rejected, not the window."""
+        out: list[list[int] | str] = [[] for _ in requests]
         plain = [i for i, r in enumerate(requests) if not r.chat]
-        if plain:
-            encoded = self.tokenizer([requests[i].text for i in plain], verbose=False)["input_ids"]
-            for i, ids in zip(plain, encoded):
-                out[i] = list(ids)
+        try:
+            encoded = self.tokenizer([requests[i].text for i in plain], verbose=False)["input_ids"] if plain else []
+        except Exception:  # one bad text fails the whole call: find it row by row
+            encoded = [self._one(lambda t=requests[i].text: self.tokenizer(t, verbose=False)["input_ids"])
+                       for i in plain]
+        for i, ids in zip(plain, encoded):
+            out[i] = ids if isinstance(ids, str) else list(ids)
         for i, r in enumerate(requests):
             if r.chat:
-                out[i] = encode(self.tokenizer, r.text)
-        return iter(out)
+                out[i] = self._one(lambda t=r.text: encode(self.tokenizer, t))
+        return out
 
-    def _finish(self, request: _Request, ids: list[int]) -> EncodedRow | str:
+    @staticmethod
+    def _one(tokenize) -> list[int] | str:
+        try:
+            return tokenize()
+        except Exception as exc:  # tokenizers raise several types on text they cannot take
+            message = " ".join(str(exc).split())[:200]
+            return printable(f"the tokenizer failed on this row ({type(exc).__name__}: {message})")
+
+    def _finish(self, request: _Request, ids: list[int] | str) -> EncodedRow | str:
+        if isinstance(ids, str):
+            return ids
         if request.chat and self.append_eos:
             ids = [*ids, self.tokenizer.eos_token_id]
         if not ids:
@@ -104,6 +118,8 @@ def parse_line(line: bytes | None, limit: int, max_length: int) -> dict:
         raise RowRejected("not valid UTF-8") from None
     except json.JSONDecodeError as exc:
         raise RowRejected(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:  # an integer over Python's digit limit; nesting too deep
+        raise RowRejected(f"not valid JSON ({type(exc).__name__}: {' '.join(str(exc).split())[:100]})") from None
     if not isinstance(record, dict):
         raise RowRejected(f"expected a JSON object, got {type(record).__name__}")
     return record
@@ -119,7 +135,23 @@ def check_id(value: Any, kind: str | None) -> int | str | None:
         raise RowRejected(f"id {value!r} is not an integer like the ids of the first rows")
     if kind == "str" and not isinstance(value, str):
         raise RowRejected(f"id {value!r} is not a string like the ids of the first rows")
+    if kind == "str":
+        valid_unicode(value, "id")
     return value
+
+
+def valid_unicode(text: str, name: str) -> str:
+    """TEXT, unless it holds a lone surrogate (JSON allows "\\ud800"; UTF-8, Arrow and tokenizers do not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RowRejected(f"{name} is not valid Unicode (it holds a lone surrogate)") from None
+    return text
+
+
+def printable(reason: str) -> str:
+    """A reason that can be written as UTF-8 whatever the row held (lone surrogates escaped)."""
+    return reason.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def row_text(record: dict, tokenizer: Any) -> tuple[str, bool]:

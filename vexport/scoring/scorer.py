@@ -19,7 +19,8 @@ from vexport.batching import pad_batch, unpad
 from vexport.errors import VexportError
 from vexport.scoring.rows import EncodedRow, RowEncoder
 
-MIN_LENGTH_RATIO = 0.75  # a batch holds rows at least 3/4 as long as its longest: padding under 25%
+MIN_LENGTH_RATIO = 0.75  # a batch holds rows at least 3/4 as long as its longest: padding under 25% ...
+MIN_BATCH_FRACTION = 1 / 16  # ... once it holds this much of the token budget (512 tokens of the default 8192)
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,10 @@ class ScorerOptions:
 
 
 def plan_batches(lengths: Sequence[int], batch_tokens: int, fixed_batch_rows: int | None = None) -> list[list[int]]:
-    """Batches of similar lengths, longest first: a batch ends when one more row would pass BATCH_TOKENS
-    (rows x longest) or would be under MIN_LENGTH_RATIO of its longest row, so padding stays under 25%.
+    """Batches of similar lengths, longest first, each within BATCH_TOKENS (rows x longest).
 
+    A batch also ends at a row shorter than MIN_LENGTH_RATIO of its longest (so padding stays under 25%), once
+    it holds MIN_BATCH_FRACTION of the budget: tiny batches would cost more in calls than padding does.
     With FIXED_BATCH_ROWS: batches of that many rows in input order, unsorted (the baseline benchmarks use).
     """
     if fixed_batch_rows:
@@ -48,9 +50,10 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int, fixed_batch_rows: in
     batches: list[list[int]] = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         if batches:
-            longest = lengths[batches[-1][0]]
-            if (len(batches[-1]) + 1) * longest <= batch_tokens and lengths[i] >= MIN_LENGTH_RATIO * longest:
-                batches[-1].append(i)
+            batch, longest = batches[-1], lengths[batches[-1][0]]
+            small = len(batch) * longest < MIN_BATCH_FRACTION * batch_tokens
+            if (len(batch) + 1) * longest <= batch_tokens and (small or lengths[i] >= MIN_LENGTH_RATIO * longest):
+                batch.append(i)
                 continue
         batches.append([i])
     return batches
