@@ -5,7 +5,9 @@ against the float32 reference on CPU, every decoder Linear in int4 at the same g
 
 - RTN: ONNX Runtime's own MatMulNBits quantizer (round-to-nearest) on vexport's float32 ONNX export;
 - GPTQ, without and with act-order, on the built-in chat calibration set;
-- GPTQ act-order + value-aware head refits (bias, affine, full), and the one the default export picks.
+- GPTQ act-order with float targets (each Linear fitted to the float model's outputs, not its own on the
+  drifted inputs of the quantized layers before it);
+- then the value-aware head refits (bias, affine, full), and the one the default export picks.
 
     python scripts/bench_gptq_fidelity.py [--model DIR] [--samples 64] [--seq-len 512] [--group-size 128]
 
@@ -120,21 +122,23 @@ def main() -> None:
     reference = [r.numpy() for r in reference]
     rows = [row(f"RTN (ONNX Runtime MatMulNBits, g{args.group_size})", reference,
                 rtn_values(args.model, args.group_size, ids, mask, work), groups, limits)]
-    for desc_act in (False, True):
-        options = GPTQOptions(group_size=args.group_size, desc_act=desc_act)
+    for desc_act, float_targets in ((False, False), (True, False), (True, True)):
+        options = GPTQOptions(group_size=args.group_size, desc_act=desc_act, float_targets=float_targets)
         packed, stream = run_gptq(source, tokens, options)
         feats = features(quantized_module(source, packed), ids, mask)
         label = f"GPTQ{' act-order' if desc_act else ''} g{args.group_size}"
+        label += " + float targets" if float_targets else ""
         rows.append(row(label, reference, [head.values(f).numpy() for f in feats], groups, limits))
-        if not desc_act:
+        if not float_targets:
             continue
         calib_q = rms_norm(stream.hidden_quantized.float(), norm, eps).flatten(0, 1)
         target = head.values(rms_norm(stream.hidden_reference.float(), norm, eps).flatten(0, 1))
         for mode in MODES[1:]:
             fitted = fit_head(calib_q, target, head, mode)
-            rows.append(row(f"{label} + head refit: {mode}", reference, [fitted.values(f).numpy() for f in feats], groups, limits))
+            rows.append(row(f"{label} + head refit: {mode}", reference, [fitted.values(f).numpy() for f in feats],
+                            groups, limits))
         chosen, mode, _ = choose_and_fit(calib_q, target, head, tokens.shape[0])
-        rows.append(row(f"{label} + value-aware default (picks {mode})", reference,
+        rows.append(row(f"{label} + value-aware head (the default export; picks {mode})", reference,
                         [chosen.values(f).numpy() for f in feats], groups, limits))
     base = rows[0]
     print(f"calibration: {args.samples} x {args.seq_len} tokens (built-in chat set); evaluation: "

@@ -105,7 +105,7 @@ def test_cli_gptq_then_check(tiny_model_dir, tmp_path):
                      "--samples", "4", "--seq-len", "32", "--no-value-calibration")
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["format_options"]["value_calibration"] == {"enabled": False}
+    assert manifest["format_options"]["value_calibration"] == {"enabled": False, "float_targets": False}
     checked = run_cli("check", out, "--reference", tiny_model_dir, "--report", tmp_path / "r.json")
     assert checked.returncode in (0, 1), checked.stderr
     assert json.loads((tmp_path / "r.json").read_text())["artifact"]["format"] == "gptq"

@@ -216,3 +216,49 @@ def test_bad_inputs_raise_input_error() -> None:
         GPTQQuantizer(torch.full((8, 16), float("nan")))
     with pytest.raises(InputError, match="floating-point"):
         GPTQQuantizer(torch.ones(8, 16, dtype=torch.int64))
+
+
+def drifted(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """What a quantized model feeds a Linear instead of X: a fixed linear distortion plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    distortion = torch.eye(x.shape[1]) + 0.05 * torch.randn(x.shape[1], x.shape[1], generator=g)
+    return x @ distortion + 0.02 * x.std() * torch.randn(x.shape, generator=g)
+
+
+@pytest.mark.parametrize("desc_act", [False, True], ids=["natural", "act_order"])
+def test_float_targets_undo_the_drift_of_earlier_layers(layer, desc_act: bool) -> None:
+    """With the float model's inputs as targets, W_q x_drifted lands nearer W x_float on held-out rows than
+    GPTQ on the drifted inputs alone, which can only reproduce W x_drifted."""
+    weight, calib, held_out = layer
+    plain, targeted = GPTQQuantizer(weight), GPTQQuantizer(weight)
+    for chunk in calib.split(512):
+        plain.add_batch(drifted(chunk, 1))
+        targeted.add_batch(drifted(chunk, 1), target=chunk)
+    options = {"group_size": 128, "desc_act": desc_act}
+    x_q = drifted(held_out, 1)
+
+    def error(qw: QuantizedWeight) -> float:
+        return float(torch.linalg.norm(x_q @ qw.dequantize().T - held_out @ weight.T))
+
+    assert error(targeted.quantize(**options)) < 0.7 * error(plain.quantize(**options))
+
+
+def test_float_targets_on_undrifted_inputs_are_plain_gptq(layer) -> None:
+    """When the quantized path's inputs equal the float ones, W' = W (H + lambda I)^-1 H is W up to the
+    dampening: the result stays within a hair of plain GPTQ's."""
+    weight, calib, held_out = layer
+    plain, targeted = GPTQQuantizer(weight), GPTQQuantizer(weight)
+    plain.add_batch(calib)
+    targeted.add_batch(calib, target=calib)
+    a, b = plain.quantize(group_size=128), targeted.quantize(group_size=128)
+    assert output_error(held_out, weight, b) < 1.1 * output_error(held_out, weight, a)
+
+
+def test_float_targets_must_be_given_for_every_batch_or_none(layer) -> None:
+    weight, calib, _ = layer
+    quantizer = GPTQQuantizer(weight)
+    quantizer.add_batch(calib[:64], target=calib[:64])
+    with pytest.raises(InputError, match="every calibration batch or for none"):
+        quantizer.add_batch(calib[64:128])
+    with pytest.raises(InputError, match="must match the inputs"):
+        GPTQQuantizer(weight).add_batch(calib[:64], target=calib[:32])

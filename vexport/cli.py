@@ -79,7 +79,7 @@ def export(
     desc_act: Annotated[bool, typer.Option("--desc-act/--no-desc-act", help="GPTQ: act-order (g_idx).")] = True,
     sym: Annotated[bool, typer.Option("--sym/--no-sym", help="GPTQ: symmetric grid.")] = True,
     value_calibration: Annotated[bool, typer.Option("--value-calibration/--no-value-calibration",
-                                                    help="GPTQ: refit the fp16 head on calibration text.")] = True,
+                                                    help="GPTQ: fit each Linear to the float model's outputs and refit the fp16 head.")] = True,
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help="GPTQ: calibration JSONL.")] = None,
     samples: Annotated[int, typer.Option("--samples", help="GPTQ: calibration windows.")] = 128,
     seq_len: Annotated[int, typer.Option("--seq-len", help="GPTQ: tokens per window.")] = 512,

@@ -1,7 +1,8 @@
-"""GPTQ int4 export: calibration → streaming GPTQ → value-aware head → standard GPTQ v1 checkpoint."""
+"""GPTQ int4 export: calibration → streaming GPTQ (float targets) → value-aware head → GPTQ v1 checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -36,6 +37,8 @@ def export_gptq(model: str | os.PathLike, output: str | os.PathLike, options: GP
     tokens = calibration_samples(_tokenizer(source), path=calibration, samples=samples, seq_len=seq_len, seed=seed,
                                  max_length=source.config.max_position_embeddings)
     qconfig = gptq_quantization_config(options.bits, options.group_size, options.desc_act, options.sym)
+    if value_calibration:  # each Linear fitted to the float model's outputs, then the head refit
+        options = dataclasses.replace(options, float_targets=True)
     with staging_dir(output, force) as tmp:
         writer = ShardWriter(tmp)
         stream = quantize_stream(source, tokens, options, writer.add, device=device,
@@ -48,7 +51,7 @@ def export_gptq(model: str | os.PathLike, output: str | os.PathLike, options: GP
         opts = {**qconfig, "weights": "model.safetensors.index.json", "damp_percent": options.damp_percent,
                 "calibration": {"source": str(calibration) if calibration else "builtin", "samples": samples,
                                 "seq_len": seq_len, "seed": seed, "digest": _digest(calibration)},
-                "value_calibration": fit, "seconds_per_layer": [round(s, 2) for s in stream.seconds_per_layer]}
+                "value_calibration": {**fit, "float_targets": options.float_targets}, "seconds_per_layer": [round(s, 2) for s in stream.seconds_per_layer]}
         write_manifest(tmp, "gptq", "int4", source, value_io_spec(), opts, progress)
     return output
 

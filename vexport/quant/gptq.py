@@ -25,13 +25,21 @@ DAMP_FACTOR = 10.0
 
 
 class GPTQQuantizer:
-    """Collects the Hessian ``H = 2/n sum x x^T`` of one Linear's inputs, then quantizes its weight."""
+    """Collects the Hessian ``H = 2/n sum x x^T`` of one Linear's inputs, then quantizes its weight.
+
+    With float targets (``add_batch(x, target=x_float)``), the inputs ``x`` are those the quantized model
+    gives this Linear and ``x_float`` those the float model gives it on the same tokens; the objective becomes
+    ``sum ||W_q x - W x_float||^2`` (the float model's output, not the layer's own on drifted inputs). It splits
+    exactly into ``||(W_q - W') X||^2`` plus a constant, with ``W' = W C H^-1`` and ``C = 2/n sum x_float x^T``:
+    the least-squares weight that undoes the drift, which GPTQ then quantizes (dampened toward W).
+    """
 
     def __init__(self, weight: Tensor) -> None:
         check_weight(weight)
         self.weight = weight.detach()
         in_f = weight.shape[1]
         self.hessian = torch.zeros(in_f, in_f, dtype=torch.float32, device=weight.device)
+        self.cross: Tensor | None = None  # C = 2/n sum x_float x^T, with float targets
         self.nsamples = 0
         self.damp_percent_used: float | None = None
 
@@ -39,21 +47,49 @@ class GPTQQuantizer:
     def in_features(self) -> int:
         return int(self.weight.shape[1])
 
-    def add_batch(self, x: Tensor) -> None:
-        """Add input rows ``x`` [..., I] to the running average ``H = 2/n sum x x^T`` (float32)."""
+    def add_batch(self, x: Tensor, target: Tensor | None = None) -> None:
+        """Add input rows ``x`` [..., I] to the running average ``H = 2/n sum x x^T`` (float32); with
+        ``target`` (the float model's inputs to this Linear on the same tokens) also to ``C``."""
+        rows = self._rows(x)
+        if rows.shape[0] == 0:
+            return
+        if (target is None) != (self.cross is None) and self.nsamples:
+            raise InputError("GPTQ: give float targets for every calibration batch or for none")
+        total = self.nsamples + rows.shape[0]
+        scale = (2.0 / total) ** 0.5
+        if target is not None:
+            reference = self._rows(target)
+            if reference.shape != rows.shape:
+                raise InputError(f"GPTQ float targets must match the inputs: {tuple(reference.shape)} vs "
+                                 f"{tuple(rows.shape)}")
+            if self.cross is None:
+                self.cross = torch.zeros_like(self.hessian)
+            self.cross *= self.nsamples / total
+            self.cross.addmm_(reference.T * scale, rows * scale)
+        self.hessian *= self.nsamples / total
+        rows = rows * scale
+        self.hessian.addmm_(rows.T, rows)
+        self.nsamples = total
+
+    def _rows(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise InputError(f"GPTQ inputs must have last dimension {self.in_features}, got {shape}")
         rows = x.detach().reshape(-1, self.in_features).to(device=self.hessian.device, dtype=torch.float32)
-        if rows.shape[0] == 0:
-            return
         if not bool(torch.isfinite(rows).all()):
             raise InputError("GPTQ calibration inputs hold NaN or infinite values")
-        total = self.nsamples + rows.shape[0]
-        self.hessian *= self.nsamples / total
-        rows = rows * (2.0 / total) ** 0.5
-        self.hessian.addmm_(rows.T, rows)
-        self.nsamples = total
+        return rows
+
+    def target_weight(self, damp_percent: float = 0.1) -> Tensor:
+        """The weight GPTQ quantizes: W itself, or with float targets ``W + W (C - H) (H + lambda I)^-1``
+        (the least-squares weight for lambda = 0; the dampening pulls it toward W, not toward zero)."""
+        weight = self.weight.to(torch.float32)
+        if self.cross is None:
+            return weight.clone()
+        eye = torch.eye(self.in_features, dtype=torch.float32, device=self.hessian.device)
+        damped = self.hessian + damp_percent * torch.diagonal(self.hessian).mean() * eye
+        drift = weight @ (self.cross - self.hessian)
+        return weight + torch.linalg.solve(damped, drift.T).T  # damped is symmetric
 
     def quantize(
         self,
@@ -63,12 +99,13 @@ class GPTQQuantizer:
         desc_act: bool = False,
         damp_percent: float = 0.01,
         block_size: int = 128,
+        target_damp_percent: float = 0.1,
     ) -> QuantizedWeight:
         """Quantize the weight with GPTQ; ``desc_act`` orders columns by descending ``diag(H)``."""
         _check_options(bits, group_size, damp_percent, block_size)
         if self.nsamples == 0:
             raise InputError("GPTQ needs calibration inputs: call add_batch() before quantize()")
-        w, hessian = _drop_dead_inputs(self.weight.to(torch.float32).clone(), self.hessian.clone())
+        w, hessian = _drop_dead_inputs(self.target_weight(target_damp_percent), self.hessian.clone())
         perm = _column_order(hessian, desc_act)
         w, hessian = w[:, perm], hessian[perm][:, perm]
         hinv, self.damp_percent_used = inverse_hessian_cholesky(hessian, damp_percent)

@@ -1,5 +1,12 @@
 """Value-aware calibration: repair what quantization does to the *values*, keeping the checkpoint standard.
 
+Two steps, both on by default in the GPTQ export (``--no-value-calibration`` turns both off):
+
+1. float targets (``GPTQOptions.float_targets``, in ``vexport.quant.gptq``/``stream``): each Linear is fitted
+   to what the *float* model computes on the calibration text, not to its own output on the drifted inputs the
+   quantized layers before it produce, so the error does not pile up layer after layer;
+2. the head refit below.
+
 A quantized backbone shrinks the value signal and shifts every value by a near-constant amount. The score
 head stays in float16, so it can absorb that: refit it on the quantized backbone's final hidden states
 against the float reference's values on the calibration text. Three fits, from least to most freedom:
