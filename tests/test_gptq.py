@@ -262,3 +262,11 @@ def test_float_targets_must_be_given_for_every_batch_or_none(layer) -> None:
         quantizer.add_batch(calib[64:128])
     with pytest.raises(InputError, match="must match the inputs"):
         GPTQQuantizer(weight).add_batch(calib[:64], target=calib[:32])
+
+
+def test_float_target_dampening_must_be_positive(layer) -> None:
+    weight, calib, _ = layer
+    quantizer = GPTQQuantizer(weight)
+    quantizer.add_batch(calib[:64], target=calib[:64])
+    with pytest.raises(InputError, match="target_damp_percent must be positive"):
+        quantizer.quantize(target_damp_percent=0.0)

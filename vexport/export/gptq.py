@@ -51,7 +51,8 @@ def export_gptq(model: str | os.PathLike, output: str | os.PathLike, options: GP
         opts = {**qconfig, "weights": "model.safetensors.index.json", "damp_percent": options.damp_percent,
                 "calibration": {"source": str(calibration) if calibration else "builtin", "samples": samples,
                                 "seq_len": seq_len, "seed": seed, "digest": _digest(calibration)},
-                "value_calibration": {**fit, "float_targets": options.float_targets}, "seconds_per_layer": [round(s, 2) for s in stream.seconds_per_layer]}
+                "value_calibration": {**fit, "float_targets": options.float_targets},
+                "seconds_per_layer": [round(s, 2) for s in stream.seconds_per_layer]}
         write_manifest(tmp, "gptq", "int4", source, value_io_spec(), opts, progress)
     return output
 

