@@ -1,12 +1,17 @@
 """Tokens/s of ONNX graphs against transformers eager on the CPU, all in one run, printed as ratios.
 
 Rows: transformers fp32 eager (the reference, ratio 1.00), vexport's plain graph (``optimize=False``), the
-optimized graph in fp32 and int4 (MatMulNBits from a GPTQ checkpoint) and, when ``onnxruntime-genai`` is installed,
-its model builder's graph of the same backbone (fp32 and int4 RTN, ``exclude_lm_head``). Repetitions are
-interleaved across rows (one repetition of every row, then the next), and each cell is a median.
+optimized graph in fp32 and int4 (MatMulNBits from a GPTQ checkpoint, with int8 activations and with float
+compute) and, when ``onnxruntime-genai`` is installed, its model builder's graph of the same backbone (fp32 and int4
+RTN, ``exclude_lm_head``).
+
+Every row runs in a process of its own, one row after the other, and the rows are cycled ``--rounds`` times; a
+cell is the median over rounds of each round's median call. Sessions keep ONNX Runtime's defaults (worker threads
+spin between operators, as vexport's runtime leaves them), which is why rows do not share a process: spinning
+threads of an idle session, or torch's OpenMP threads, would slow the next row down.
 
     python scripts/bench_onnx_cpu.py --work /tmp/bench_onnx            # builds the trained 135M value model
-    python scripts/bench_onnx_cpu.py --model DIR --gptq GPTQ_DIR --reps 7
+    python scripts/bench_onnx_cpu.py --model DIR --gptq GPTQ_DIR --reps 5 --rounds 3
 
 With a CUDA GPU and onnxruntime-gpu, ``--cuda`` adds ONNX Runtime's CUDA provider in fp16 against torch fp16 eager
 at 8x1024.
@@ -38,7 +43,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_onnx"), help="folder for models and graphs")
     parser.add_argument("--model", type=Path, help="value model folder (default: build the trained 135M model)")
     parser.add_argument("--gptq", type=Path, help="GPTQ v1 checkpoint of --model (default: GPTQ-export one)")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=5, help="timed calls per row, shape and round")
+    parser.add_argument("--rounds", type=int, default=3, help="times every row is measured, in turn")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one row, JSON spec
     parser.add_argument("--no-genai", action="store_true", help="skip the ONNX Runtime GenAI builder rows")
     parser.add_argument("--cuda", action="store_true", help="add the fp16 CUDA comparison at 8x1024")
     return parser.parse_args()
@@ -60,13 +67,14 @@ def prepare_models(args: argparse.Namespace) -> tuple[Path, Path]:
 def export_graphs(model: Path, gptq: Path, work: Path) -> dict[str, Path]:
     from vexport.export.onnx import export_onnx
 
-    plan = {"vexport plain fp32": (model, False), "vexport optimized fp32": (model, True),
-            "vexport optimized int4": (gptq, True)}
+    plan = {"vexport plain fp32": (model, False, None), "vexport optimized fp32": (model, True, None),
+            "vexport optimized int4, int8 activations": (gptq, True, 4),
+            "vexport optimized int4, float compute": (gptq, True, None)}
     graphs = {}
-    for label, (source, optimize) in plan.items():
-        out = work / label.replace(" ", "_").replace("(", "").replace(")", "")
+    for label, (source, optimize, level) in plan.items():
+        out = work / label.replace(" ", "_").replace(",", "")
         if not (out / "manifest.json").is_file():
-            export_onnx(source, out, "float32", optimize=optimize, force=True)
+            export_onnx(source, out, "float32", optimize=optimize, int4_accuracy_level=level, force=True)
         graphs[label] = out / "model.onnx"
     return graphs
 
@@ -117,7 +125,6 @@ def ort_runner(graph: Path, providers: list | None = None, head_dim: int = 64) -
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle sessions must not steal cores
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(str(graph), options, providers=providers or ["CPUExecutionProvider"])
     inputs = session.get_inputs()
@@ -153,20 +160,47 @@ def torch_runner(model: Path, device: str = "cpu", dtype: torch.dtype = torch.fl
     return run
 
 
-def measure(runners: dict[str, Runner], shapes, reps: int, vocab: int) -> dict[str, dict[tuple, float]]:
-    """Median seconds per call for every runner and shape, repetitions interleaved across runners."""
+def time_calls(run: Runner, shapes, reps: int, vocab: int) -> dict[tuple, float]:
+    """Median seconds per call of RUN at every shape, after one warm-up call."""
     rng = np.random.default_rng(0)
-    times: dict[str, dict[tuple, list[float]]] = {name: {s: [] for s in shapes} for name in runners}
+    medians = {}
     for shape in shapes:
         ids = rng.integers(0, vocab, size=shape, dtype=np.int64)
         mask = np.ones(shape, np.int64)
-        for run in runners.values():  # warm-up
-            run(ids, mask)
+        run(ids, mask)
+        calls = []
         for _ in range(reps):
-            for name, run in runners.items():
-                start = time.perf_counter()
-                run(ids, mask)
-                times[name][shape].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            run(ids, mask)
+            calls.append(time.perf_counter() - start)
+        medians[shape] = statistics.median(calls)
+    return medians
+
+
+def worker(spec: dict) -> None:
+    """One row in this process: print its median seconds per shape as JSON."""
+    torch.set_num_threads(THREADS)
+    if spec["kind"] == "torch":
+        run = torch_runner(Path(spec["path"]), spec.get("device", "cpu"), getattr(torch, spec.get("dtype", "float32")))
+    else:
+        run = ort_runner(Path(spec["path"]), spec.get("providers"), spec["head_dim"])
+    shapes = [tuple(s) for s in spec["shapes"]]
+    medians = time_calls(run, shapes, spec["reps"], spec["vocab"])
+    print(json.dumps([[list(s), t] for s, t in medians.items()]))
+
+
+def measure(rows: dict[str, dict], shapes, reps: int, rounds: int, vocab: int) -> dict[str, dict[tuple, float]]:
+    """Median over ROUNDS of every row's per-round median, each row measured in a fresh process."""
+    times: dict[str, dict[tuple, list[float]]] = {name: {s: [] for s in shapes} for name in rows}
+    for _ in range(rounds):
+        for name, spec in rows.items():
+            spec = {**spec, "shapes": [list(s) for s in shapes], "reps": reps, "vocab": vocab}
+            done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
+                                  text=True, check=False)
+            if done.returncode:
+                raise SystemExit(f"row {name!r} failed: {done.stderr.strip().splitlines()[-1:]}")
+            for shape, seconds in json.loads(done.stdout.strip().splitlines()[-1]):
+                times[name][tuple(shape)].append(seconds)
     return {name: {s: statistics.median(v) for s, v in per.items()} for name, per in times.items()}
 
 
@@ -179,7 +213,7 @@ def print_table(medians: dict[str, dict[tuple, float]], shapes, reference: str) 
         print(f"| {name} | {' | '.join(cells)} |")
 
 
-def cuda_comparison(model: Path, work: Path, reps: int) -> None:
+def cuda_comparison(model: Path, work: Path, reps: int, rounds: int) -> None:
     """ONNX Runtime CUDA provider, fp16 optimized graph, against torch fp16 eager at 8x1024."""
     import onnxruntime as ort
 
@@ -191,28 +225,32 @@ def cuda_comparison(model: Path, work: Path, reps: int) -> None:
     out = work / "vexport_optimized_fp16"
     if not (out / "manifest.json").is_file():
         export_onnx(model, out, "float16", force=True)
-    runners = {"torch fp16 eager (cuda)": torch_runner(model, "cuda", torch.float16),
-               "vexport optimized fp16 (ORT CUDA)": ort_runner(out / "model.onnx", ["CUDAExecutionProvider"])}
+    rows = {"torch fp16 eager (cuda)": {"kind": "torch", "path": str(model), "device": "cuda", "dtype": "float16"},
+            "vexport optimized fp16 (ORT CUDA)": {"kind": "ort", "path": str(out / "model.onnx"), "head_dim": 64,
+                                                  "providers": ["CUDAExecutionProvider"]}}
     shapes = ((8, 1024),)
-    print_table(measure(runners, shapes, reps, 49152), shapes, "torch fp16 eager (cuda)")
+    print_table(measure(rows, shapes, reps, rounds, 49152), shapes, "torch fp16 eager (cuda)")
 
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(THREADS)
+    if args.worker:
+        worker(json.loads(args.worker))
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     model, gptq = prepare_models(args)
-    print(f"model {model}; int4 graph from {gptq}")
+    print(f"model {model}; int4 graphs from {gptq}")
     graphs = {**export_graphs(model, gptq, args.work), **({} if args.no_genai else genai_graphs(model, args.work))}
-    runners = {"transformers fp32 eager": torch_runner(model)}
     config = json.loads((model / "config.json").read_text())
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    runners.update({name: ort_runner(path, head_dim=head_dim) for name, path in graphs.items()})
-    vocab = config["vocab_size"]
-    print(f"CPU, {THREADS} threads, {args.reps} interleaved repetitions, median; ratio = tokens/s over eager")
-    print_table(measure(runners, SHAPES, args.reps, vocab), SHAPES, "transformers fp32 eager")
+    rows = {"transformers fp32 eager": {"kind": "torch", "path": str(model)}}
+    rows.update({name: {"kind": "ort", "path": str(path), "head_dim": head_dim} for name, path in graphs.items()})
+    print(f"CPU, {THREADS} threads, each row in its own process, {args.rounds} rounds of {args.reps} calls, "
+          "median of round medians; ratio = tokens/s over eager")
+    print_table(measure(rows, SHAPES, args.reps, args.rounds, config["vocab_size"]), SHAPES,
+                "transformers fp32 eager")
     if args.cuda:
-        cuda_comparison(model, args.work, args.reps)
+        cuda_comparison(model, args.work, args.reps, args.rounds)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import helper
 
 from tests.helpers import run_cli
 from vexport.batching import pad_batch
@@ -32,14 +33,16 @@ TOLERANCE = {"float32": (2e-5, 1e-4, 60.0), "float16": (None, None, 35.0), "int4
 @pytest.fixture(scope="module")
 def graphs(tiny_gqa_model_dir, tmp_path_factory):
     """kind -> (reference folder, optimized ONNX folder). int4: an asymmetric RTN checkpoint; int4-act: RTN with
-    act-order, where q/k/v have different column orders and so stay three MatMulNBits (GPTQ gives them one)."""
+    act-order, where q/k/v have different column orders and so stay three MatMulNBits (GPTQ gives them one).
+    Both in float compute, to compare at float32 tolerance; int4-level4 is the default int8-activation graph."""
     root = tmp_path_factory.mktemp("fused")
     gptq = write_rtn_checkpoint(tiny_gqa_model_dir, root / "gptq", group_size=32, sym=False)
     act = write_rtn_checkpoint(tiny_gqa_model_dir, root / "gptq-act", group_size=32, desc_act=True)
     return {"float32": (tiny_gqa_model_dir, export_onnx(tiny_gqa_model_dir, root / "fp32")),
             "float16": (tiny_gqa_model_dir, export_onnx(tiny_gqa_model_dir, root / "fp16", "float16")),
-            "int4": (gptq, export_onnx(gptq, root / "int4")), "int4-act": (act, export_onnx(act, root / "int4-act")),
-            "int4-level4": (gptq, export_onnx(gptq, root / "int4-level4", int4_accuracy_level=4))}
+            "int4": (gptq, export_onnx(gptq, root / "int4", int4_accuracy_level=None)),
+            "int4-act": (act, export_onnx(act, root / "int4-act", int4_accuracy_level=None)),
+            "int4-level4": (gptq, export_onnx(gptq, root / "int4-level4"))}
 
 
 def _batch(tokenizer, side: str):
@@ -87,6 +90,17 @@ def test_graph_uses_fused_operators(graphs, kind, tiny_gqa_model_dir):
     assert options["optimized"] is True and options["operator_counts"] == dict(sorted(counts.items()))
 
 
+def test_act_order_gathers_copy_rows_and_skip_the_down_projection(graphs):
+    """Act-order permutes activations as Transpose + Gather(axis 0) + Transpose (row copies, not ONNX Runtime's
+    value-by-value last-axis Gather), and the down projection's permutation lives in the gate/up columns."""
+    graph = onnx.load(graphs["int4-act"][1] / "model.onnx", load_external_data=False)
+    gathers = [n for n in graph.graph.node if n.op_type == "Gather" and n.input[1].endswith("_act_order")]
+    assert gathers and all(helper.get_attribute_value(a) == 0 for n in gathers for a in n.attribute)
+    assert not [n for n in gathers if "_down" in n.input[1]]
+    producers = {out: n for n in graph.graph.node for out in n.output}
+    assert all(producers[n.input[0]].op_type == "Transpose" for n in gathers)
+
+
 def test_unfusable_head_dim_falls_back_to_plain(tmp_path):
     model = make_tiny_value_model(tmp_path / "odd", seed=2, hidden_size=96)  # head_dim 24: no GQA rotary
     folder = export_onnx(model, tmp_path / "onnx")
@@ -101,3 +115,15 @@ def test_cli_no_optimize_keeps_the_plain_graph(tiny_model_dir, tmp_path):
     graph = onnx.load(tmp_path / "out" / "model.onnx", load_external_data=False)
     assert {o.domain for o in graph.opset_import} == {""}  # standard operators only: any ONNX runtime runs it
     assert read_manifest(tmp_path / "out").format_options["optimized"] is False
+
+
+def test_int4_activations_default_to_int8_and_the_cli_can_keep_float(graphs, tmp_path):
+    assert read_manifest(graphs["int4-level4"][1]).format_options["matmul_nbits_accuracy_level"] == 4
+    gptq = graphs["int4"][0]
+    result = run_cli("export", gptq, "--format", "onnx", "--float-activations", "--output", tmp_path / "float")
+    assert result.returncode == 0, result.stderr
+    assert read_manifest(tmp_path / "float").format_options["matmul_nbits_accuracy_level"] == 0
+    graph = onnx.load(tmp_path / "float" / "model.onnx", load_external_data=False)
+    levels = {helper.get_attribute_value(a) for n in graph.graph.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == set()  # float compute: no accuracy_level attribute at all

@@ -33,10 +33,12 @@ GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 _ALIGN = 4096  # page-aligned tensors, so ONNX Runtime can memory-map the external data
 _TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16}
-# MatMulNBits accuracy_level of the optimized int4 graph. None (float compute) keeps the GPTQ checkpoint's fidelity
-# (106 dB against the int4 torch runtime on SmolLM2-135M); 4 (int8 activations) is faster on CPU but adds ~19 dB of
-# error of its own, so it is opt-in.
-INT4_ACCURACY_LEVEL: int | None = None
+# MatMulNBits accuracy_level of the optimized int4 graph. 4: ONNX Runtime's CPU kernel multiplies int8-quantized
+# activations (per token and block) with the int4 codes, about 1.8x the float-compute speed at 1x64 on a 2-core
+# CPU, and keeps the GPTQ export's fidelity (trained SmolLM2-135M value model, built-in evaluation set: 10.94 dB
+# against the float reference, 11.16 dB with float compute, 5.24 dB for round-to-nearest). None: float compute,
+# the checkpoint's exact numerics (106 dB against the int4 torch runtime). CUDA ignores the attribute.
+INT4_ACCURACY_LEVEL: int | None = 4
 
 
 def export_onnx(model: str | os.PathLike, output: str | os.PathLike, dtype: str = "float32", *,
@@ -46,7 +48,8 @@ def export_onnx(model: str | os.PathLike, output: str | os.PathLike, dtype: str 
 
     ``optimize`` (the default) writes ONNX Runtime's fused graph (export/onnx_fused.py); ``optimize=False`` the
     plain opset-17 graph that any ONNX runtime runs. ``int4_accuracy_level`` is MatMulNBits' ``accuracy_level`` in
-    the optimized int4 graph (None: float compute, the checkpoint's fidelity; 4: int8 activations, faster on CPU)."""
+    the optimized int4 graph (4, the default: int8 activations on CPU; None: float compute, the checkpoint's exact
+    numerics)."""
     if dtype not in _TORCH_DTYPE:
         raise VexportError(f"--dtype {dtype} is not supported for onnx (choose float32 or float16)")
     output = Path(output)

@@ -29,8 +29,9 @@ from vexport.export.onnx_int4 import CONTRIB_DOMAIN, add_contrib_opset
 log = logging.getLogger(__name__)
 
 # A fused Linear emitter: (builder, x, checkpoint prefixes sharing x, node name, has bias) -> output name with the
-# outputs of the prefixes concatenated along the last axis.
-FusedLinear = Callable[[GraphBuilder, str, list[str], str, bool], str]
+# outputs of the prefixes concatenated along the last axis. Keywords: ``out_order`` permutes the output columns
+# and ``x_in_order`` says x arrives permuted by the emitter's ``input_order(prefix)`` already (int4 act-order).
+FusedLinear = Callable[..., str]
 _MASKED = {"float32": -1.0e9, "float16": -6.0e4}  # finite, so fully masked padding rows give no NaN
 _NP = {"float32": np.float32, "float16": np.float16}
 _TORCH = {"float32": torch.float32, "float16": torch.float16}
@@ -122,11 +123,15 @@ def _decoder_layer(b: GraphBuilder, config, i: int, normed: str, hidden: str, at
     out = fused(b, attn, [f"{prefix}.self_attn.o_proj"], f"l{i}_o", qkv_bias)
     gamma = b.weight(f"l{i}_post_norm_weight", f"{prefix}.post_attention_layernorm.weight")
     normed, hidden = _skip_norm(b, out, hidden, gamma, eps, f"l{i}_post_norm")
-    gate_up = fused(b, normed, [f"{prefix}.mlp.gate_proj", f"{prefix}.mlp.up_proj"], f"l{i}_gate_up", mlp_bias)
+    # silu(gate) * up is elementwise, so the down projection's act-order permutation (int4) moves into the
+    # gate/up output columns for free and its input needs no gather
+    down_order = _input_order(fused, f"{prefix}.mlp.down_proj")
+    gate_up = fused(b, normed, [f"{prefix}.mlp.gate_proj", f"{prefix}.mlp.up_proj"], f"l{i}_gate_up", mlp_bias,
+                    out_order=down_order)
     split = b.const(f"split_{config.intermediate_size}", np.array([config.intermediate_size] * 2, np.int64))
     gate, up = b.op("Split", gate_up, split, outputs=2, axis=-1)
     act = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)
-    down = fused(b, act, [f"{prefix}.mlp.down_proj"], f"l{i}_down", mlp_bias)
+    down = fused(b, act, [f"{prefix}.mlp.down_proj"], f"l{i}_down", mlp_bias, x_in_order=down_order is not None)
     last = i == config.num_hidden_layers - 1
     gamma = (b.const("final_norm_ones", np.ones(config.hidden_size, _NP[b.dtype])) if last else
              b.weight(f"l{i + 1}_input_norm_weight", f"model.layers.{i + 1}.input_layernorm.weight"))
@@ -141,8 +146,16 @@ def _gqa(b: GraphBuilder, config, qkv: str, attention: tuple, i: int) -> str:
                 do_rotary=1, rotary_interleaved=0, scale=float(head_dim(config) ** -0.5))[0]
 
 
-def dense_fused_linear(b: GraphBuilder, x: str, prefixes: list[str], name: str, bias: bool) -> str:
+def _input_order(fused: FusedLinear, prefix: str) -> np.ndarray | None:
+    order = getattr(getattr(fused, "__self__", None), "input_order", None)
+    return order(prefix) if order else None
+
+
+def dense_fused_linear(b: GraphBuilder, x: str, prefixes: list[str], name: str, bias: bool, *,
+                       out_order: None = None, x_in_order: bool = False) -> str:
     """x @ [W_1; W_2; ...]^T (+ b): one MatMul over the Linears' weights concatenated along the output axis."""
+    if out_order is not None or x_in_order:
+        raise ValueError("dense Linears have no input order to fold")
     dtype = _TORCH[b.dtype]
     weight = b.weight(f"{name}_weight", f"{prefixes[0]}.weight",
                       make=lambda read: _concat_t([read(f"{p}.weight") for p in prefixes], dtype))

@@ -128,41 +128,49 @@ class MatMulNBitsEmitter:
         self._gathers: dict[tuple[str, bytes], str] = {}
         self._cache: tuple[str, dict[str, np.ndarray]] | None = None
 
-    def __call__(self, b, x: str, prefix: str, name: str, bias: bool) -> str:
-        if f"{prefix}.qweight" not in self.source.tensors:
-            raise VexportError(f"{self.source.path} has no {prefix}.qweight: every decoder Linear must be GPTQ")
+    def __call__(self, b, x: str, prefix: str, name: str, bias: bool, *, out_order: np.ndarray | None = None,
+                 x_in_order: bool = False) -> str:
+        """MatMulNBits for one Linear. ``out_order`` permutes its output columns (so that an elementwise op
+        after it hands the next Linear its input already in act-order); ``x_in_order`` says X arrives that way."""
+        plan = self._plan(prefix)
         k, n = self.source.tensors[f"{prefix}.g_idx"][2][0], self.source.tensors[f"{prefix}.qweight"][2][1]
-        plan = plan_blocks(self.source.read_tensor(f"{prefix}.g_idx").numpy(), f"{self.source.path}: {prefix}")
-        self.block_sizes.add(plan.block_size)
-        if plan.order is not None:
+        if plan.order is not None and not x_in_order:
             x = self._gather(b, x, plan.order, prefix, name)
-        inputs = [x] + [b.weight(f"{name}_{part}", f"{prefix}.qweight", make=self._maker(prefix, plan, part, b.dtype))
+        inputs = [x] + [b.weight(f"{name}_{part}", f"{prefix}.qweight",
+                                 make=self._maker([prefix], plan, part, b.dtype, out_order))
                         for part in ("B", "scales", "zero_points")]
         if bias:
-            inputs += ["", b.weight(f"{name}_bias", f"{prefix}.bias")]  # "" is the deprecated g_idx input
+            inputs += ["", b.weight(f"{name}_bias", f"{prefix}.bias",  # "" is the deprecated g_idx input
+                                    make=_bias_maker([prefix], b.dtype, out_order))]
         return b.op("MatMulNBits", *inputs, domain=CONTRIB_DOMAIN, K=k, N=n, bits=4, block_size=plan.block_size,
                     **self._accuracy())
 
-    def fused(self, b, x: str, prefixes: list[str], name: str, bias: bool) -> str:
+    def fused(self, b, x: str, prefixes: list[str], name: str, bias: bool, *, out_order: np.ndarray | None = None,
+              x_in_order: bool = False) -> str:
         """A ``FusedLinear`` for the optimized graph: one MatMulNBits over Linears that read the same input,
-        concatenated along N when their block plans match (same act-order and block size), else one each."""
+        concatenated along N when their block plans match (same act-order and block size), else one each.
+        ``out_order`` permutes the output columns of every Linear alike (see ``__call__``)."""
         plans = [self._plan(p) for p in prefixes]
         if len(prefixes) == 1 or not all(_same_plan(plans[0], p) for p in plans[1:]):
-            outputs = [self(b, x, p, f"{name}_{j}", bias) for j, p in enumerate(prefixes)]
+            outputs = [self(b, x, p, f"{name}_{j}" if len(prefixes) > 1 else name, bias, out_order=out_order,
+                            x_in_order=x_in_order) for j, p in enumerate(prefixes)]
             return outputs[0] if len(outputs) == 1 else b.op("Concat", *outputs, axis=-1)
         plan, k = plans[0], self.source.tensors[f"{prefixes[0]}.g_idx"][2][0]
         n = sum(self.source.tensors[f"{p}.qweight"][2][1] for p in prefixes)
-        if plan.order is not None:
+        if plan.order is not None and not x_in_order:
             x = self._gather(b, x, plan.order, prefixes[0], name)
         inputs = [x] + [b.weight(f"{name}_{part}", f"{prefixes[0]}.qweight",
-                                 make=self._fused_maker(prefixes, plan, part, b.dtype))
+                                 make=self._maker(prefixes, plan, part, b.dtype, out_order))
                         for part in ("B", "scales", "zero_points")]
         if bias:
             inputs += ["", b.weight(f"{name}_bias", f"{prefixes[0]}.bias",
-                                    make=lambda read: torch.cat([read(f"{p}.bias") for p in prefixes])
-                                    .to(_TORCH_DTYPE[b.dtype]).numpy())]
+                                    make=_bias_maker(prefixes, b.dtype, out_order))]
         return b.op("MatMulNBits", *inputs, domain=CONTRIB_DOMAIN, K=k, N=n, bits=4, block_size=plan.block_size,
                     **self._accuracy())
+
+    def input_order(self, prefix: str) -> np.ndarray | None:
+        """The act-order permutation a Linear's input needs (None: in order already)."""
+        return self._plan(prefix).order
 
     def _accuracy(self) -> dict:
         return {} if self.accuracy_level is None else {"accuracy_level": self.accuracy_level}
@@ -174,14 +182,19 @@ class MatMulNBitsEmitter:
         self.block_sizes.add(plan.block_size)
         return plan
 
-    def _fused_maker(self, prefixes: list[str], plan: BlockPlan, part: str, dtype: str) -> Callable:
+    def _maker(self, prefixes: list[str], plan: BlockPlan, part: str, dtype: str,
+               out_order: np.ndarray | None) -> Callable:
+        """PART of the MatMulNBits tensors of PREFIXES concatenated along N, each Linear's rows permuted by
+        OUT_ORDER; converted once per Linear group (the writer asks for B, scales, zero_points in turn)."""
         def make(read: Callable[[str], torch.Tensor]) -> np.ndarray:
             key = "+".join(prefixes)
             if self._cache is None or self._cache[0] != key:
                 tensors = []
                 for prefix in prefixes:
                     packed = {t: read(f"{prefix}.{t}") for t in ("qweight", "qzeros", "scales", "g_idx")}
-                    tensors.append(matmul_nbits_tensors(packed, plan_blocks(packed["g_idx"].numpy()), dtype))
+                    tensors.append(matmul_nbits_tensors(packed, plan, dtype))
+                    if out_order is not None:
+                        tensors[-1] = {p: t[out_order] for p, t in tensors[-1].items()}
                 self._cache = (key, {p: np.concatenate([t[p] for t in tensors]) for p in ("B", "scales",
                                                                                           "zero_points")})
             return self._cache[1][part]
@@ -189,20 +202,15 @@ class MatMulNBitsEmitter:
         return make
 
     def _gather(self, b, x: str, order: np.ndarray, prefix: str, name: str) -> str:
+        """X[..., order] for a [B, T, K] activation, as Transpose, Gather on axis 0, Transpose: each index then
+        copies one contiguous row of B*T values (ONNX Runtime's Gather on the last axis copies value by value,
+        six times slower)."""
         key = (x, order.tobytes())
         if key not in self._gathers:
             indices = b.weight(f"{name}_act_order", f"{prefix}.g_idx", make=lambda read, o=order: o)
-            self._gathers[key] = b.op("Gather", x, indices, axis=-1)
+            columns = b.op("Transpose", x, perm=[2, 0, 1])
+            self._gathers[key] = b.op("Transpose", b.op("Gather", columns, indices, axis=0), perm=[1, 2, 0])
         return self._gathers[key]
-
-    def _maker(self, prefix: str, plan: BlockPlan, part: str, dtype: str) -> Callable:
-        def make(read: Callable[[str], torch.Tensor]) -> np.ndarray:
-            if self._cache is None or self._cache[0] != prefix:
-                packed = {t: read(f"{prefix}.{t}") for t in ("qweight", "qzeros", "scales", "g_idx")}
-                self._cache = (prefix, matmul_nbits_tensors(packed, plan, dtype))
-            return self._cache[1][part]
-
-        return make
 
     def format_options(self, dtype: str) -> dict:
         """What the manifest records about the int4 graph."""
@@ -210,6 +218,16 @@ class MatMulNBitsEmitter:
         return {"activation_dtype": dtype, **{k: self.options[k] for k in keys},
                 "matmul_nbits_block_sizes": sorted(self.block_sizes), "act_order_gathers": len(self._gathers),
                 "matmul_nbits_accuracy_level": self.accuracy_level or 0}
+
+
+def _bias_maker(prefixes: list[str], dtype: str, out_order: np.ndarray | None) -> Callable:
+    def make(read: Callable[[str], torch.Tensor]) -> np.ndarray:
+        biases = [read(f"{p}.bias").to(_TORCH_DTYPE[dtype]) for p in prefixes]
+        if out_order is not None:
+            biases = [bias[torch.from_numpy(out_order)] for bias in biases]
+        return torch.cat(biases).numpy()
+
+    return make
 
 
 def add_contrib_opset(model: onnx.ModelProto) -> None:
