@@ -83,11 +83,28 @@ def test_graph_uses_fused_operators(graphs, kind, tiny_gqa_model_dir):
     assert counts["GroupQueryAttention"] == layers
     assert counts["SkipSimplifiedLayerNormalization"] == 2 * layers  # post-attention, next input / final norm
     linears = "MatMulNBits" if kind == "int4" else "MatMul"
-    assert counts[linears] == 4 * layers + (0 if kind == "int4" else 1)  # qkv, o, gate_up, down (+ score)
+    assert counts[linears] == 5 * layers + (0 if kind == "int4" else 1)  # qkv, o, gate, up, down (+ score)
+    assert "Split" not in counts and "Where" in counts  # no copy of a fused gate/up; Where: the packing slots
     assert "Softmax" not in counts and "model.norm.weight" not in {t.name for t in graph.graph.initializer}
     options = read_manifest(folder).format_options
     assert options.get("matmul_nbits_accuracy_level", 0) == 0
     assert options["optimized"] is True and options["operator_counts"] == dict(sorted(counts.items()))
+
+
+@pytest.mark.parametrize("kind", ["float32", "int4"])
+def test_holes_and_all_padding_rows(graphs, kind):
+    """Padding anywhere (a hole mid-sequence, both sides) and a row of padding only: real tokens get their
+    values alone, and every output is finite."""
+    reference, candidate = (load(folder) for folder in graphs[kind])
+    seq = candidate.tokenizer(TEXTS[0])["input_ids"]
+    ids = torch.tensor([[0, 0] + seq[:5] + [0, 0, 0] + seq[5:] + [0], [0] * (len(seq) + 6)])
+    mask = (torch.arange(ids.shape[1]) >= 2) & (torch.arange(ids.shape[1]) < ids.shape[1] - 1)
+    mask = torch.stack([mask, torch.zeros_like(mask)]).long()
+    mask[0, 7:10] = 0
+    got = candidate.runner.logits(ids, mask)[..., 0]
+    assert torch.isfinite(got).all()
+    alone = reference.values(torch.tensor([seq]))[0]
+    torch.testing.assert_close(got[0][mask[0].bool()], alone, atol=1e-4, rtol=1e-4)
 
 
 def test_act_order_gathers_copy_rows_and_skip_the_down_projection(graphs):
