@@ -1,6 +1,7 @@
 """Value-guided decoding and best-of-n scoring: vexport sessions against recomputation and plain transformers.
 
-All ratios come from this one run, on the trained SmolLM2-135M value model (float32 reference), with
+All ratios come from this one run, on the trained SmolLM2-135M value model (float32 reference, loaded by
+``vexport.load``: on CPU its decoder Linears run on oneDNN-packed weights, see vexport/backends/cpu_linear.py), with
 ``torch.set_num_threads(THREADS)``; methods are interleaved (each step, each repeat) so a busy machine slows
 them alike, the fastest of several runs of each method counts (the least disturbed), and the values of every
 method are checked against each other.
@@ -8,12 +9,13 @@ method are checked against each other.
 1. best-of-n: one prompt of 512 tokens, 8 responses of 64.
    - full: the 8 ``prompt + response`` sequences as one batch (``model.values``);
    - transformers, cache by hand: the prompt through the backbone with a ``DynamicCache``,
-     ``batch_repeat_interleave(8)``, then the responses as one batch and the score head;
+     ``batch_repeat_interleave(8)``, then the responses as one batch and the score head (on the same module as
+     the two others, so the three differ in what they compute only);
    - vexport: ``model.score_group(prompt, responses)``.
 2. value-guided steps: prompt 256, 4 candidate tokens a step, 32 steps (a fixed random choice each step).
    - re-run: ``prefix + candidate`` for the 4 candidates as one batch, every step;
-   - transformers, cache copied: the prefix cache ``copy.deepcopy``-ed for each candidate, one forward of
-     one token each, the chosen candidate's copy kept;
+   - transformers, cache copied: a plain transformers module (``from_pretrained``, nothing swapped), the prefix
+     cache ``copy.deepcopy``-ed for each candidate, one forward of one token each, the chosen candidate's copy kept;
    - vexport: ``session.score(candidates)`` (one forward of the 4 tokens, tree attention) and
      ``session.advance(chosen)`` (its keys and values reused: no forward).
    The prompt's prefill is the same for the cached methods and is reported apart.
@@ -126,12 +128,12 @@ def vexport_step(session, candidates: torch.Tensor, pick: int) -> torch.Tensor:
     return values
 
 
-def run_steps(model, module, prompt: torch.Tensor, candidates: torch.Tensor, picks: list[int]) -> dict:
+def run_steps(model, plain, prompt: torch.Tensor, candidates: torch.Tensor, picks: list[int]) -> dict:
     """One pass of the three methods over the same steps (interleaved per step; step 0 is a warm-up)."""
     device = model.device
     totals = {"rerun": 0.0, "transformers_copy": 0.0, "vexport_session": 0.0}
     prefill, diff = {}, 0.0
-    prefill["transformers_copy"], copier = timed(lambda: CopyCacheScorer(module, prompt), device)
+    prefill["transformers_copy"], copier = timed(lambda: CopyCacheScorer(plain, prompt), device)
     prefill["vexport_session"], session = timed(lambda: model.session(prompt), device)
     prefix = prompt
     for step, (cands, pick) in enumerate(zip(candidates, picks)):
@@ -147,13 +149,13 @@ def run_steps(model, module, prompt: torch.Tensor, candidates: torch.Tensor, pic
     return {"totals": totals, "prefill": prefill, "max_abs_diff": diff}
 
 
-def bench_steps(model, module, vocab: int, repeats: int, generator: torch.Generator) -> dict:
+def bench_steps(model, plain, vocab: int, repeats: int, generator: torch.Generator) -> dict:
     device = model.device
     prompt = random_ids(generator, vocab, PROMPT_STEPS).to(device)
     candidates = random_ids(generator, vocab, STEPS + 1, CANDIDATES).to(device)
     picks = torch.randint(0, CANDIDATES, (STEPS + 1,), generator=generator).tolist()
     with torch.inference_mode():
-        runs = [run_steps(model, module, prompt, candidates, picks) for _ in range(repeats)]
+        runs = [run_steps(model, plain, prompt, candidates, picks) for _ in range(repeats)]
     best = {name: min(run["totals"][name] for run in runs) for name in runs[0]["totals"]}
     prefill = min(run["prefill"]["vexport_session"] for run in runs)
     ours = best["vexport_session"]
@@ -193,7 +195,10 @@ def main() -> None:
         if args.only in (None, "best_of_n"):
             results["best_of_n"] = bench_group(model, module, vocab, args.repeats, torch.Generator().manual_seed(0))
         if args.only in (None, "value_guided_steps"):
-            results["value_guided_steps"] = bench_steps(model, module, vocab, args.step_repeats,
+            from transformers import AutoModelForTokenClassification
+
+            plain = AutoModelForTokenClassification.from_pretrained(folder, dtype=torch.float32).to(args.device).eval()
+            results["value_guided_steps"] = bench_steps(model, plain, vocab, args.step_repeats,
                                                         torch.Generator().manual_seed(1))
         results["load_average_before_after"] = [load_before[0], os.getloadavg()[0]]
     text = json.dumps(results, indent=2)

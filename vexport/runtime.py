@@ -153,20 +153,26 @@ def default_device(device: str | torch.device | None) -> torch.device:
 
 
 def load(model: str | os.PathLike, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-         *, allow_pickle: bool = False, threads: int | None = None, verify_hashes: bool = True) -> ValueModel:
+         *, allow_pickle: bool = False, threads: int | None = None, verify_hashes: bool = True,
+         cpu_kernels: str = "onednn") -> ValueModel:
     """Load an exported artifact (by its manifest) or a Hugging Face value model (the torch reference).
 
-    The reference is float16 on CUDA and float32 on CPU unless ``dtype`` says otherwise. An artifact's files
+    The reference is float16 on CUDA and float32 on CPU unless ``dtype`` says otherwise. On CPU in float32 its
+    decoder Linears run on oneDNN-packed weights (``backends/cpu_linear.py``: same math, faster than MKL's
+    sgemm on AMD CPUs and at few tokens); ``cpu_kernels="torch"`` keeps plain ``F.linear``. An artifact's files
     are checked against its manifest first: sizes always, sha256 hashes unless ``verify_hashes=False`` (for
     very large local files you trust; hashing reads every byte, about 1 minute for 26 GB).
     """
     path = Path(model).expanduser()
     if path.is_dir() and (path / MANIFEST_NAME).is_file():
         return _load_artifact(path, device, threads, verify_hashes)
-    return _load_reference(model, device, dtype, allow_pickle)
+    if cpu_kernels not in ("onednn", "torch"):
+        raise InputError(f"cpu_kernels {cpu_kernels!r} is not one of onednn, torch")
+    return _load_reference(model, device, dtype, allow_pickle, cpu_kernels)
 
 
-def _load_reference(model, device, dtype, allow_pickle: bool) -> ValueModel:
+def _load_reference(model, device, dtype, allow_pickle: bool, cpu_kernels: str = "onednn") -> ValueModel:
+    from vexport.backends.cpu_linear import pack_linears
     from vexport.backends.torch import TorchRunner
     from vexport.model import open_model
 
@@ -174,6 +180,8 @@ def _load_reference(model, device, dtype, allow_pickle: bool) -> ValueModel:
     device = default_device(device)
     dtype = _torch_dtype(dtype) or (torch.float16 if device.type == "cuda" else torch.float32)
     module = source.load_torch(dtype=dtype, device=str(device))
+    if cpu_kernels == "onednn":
+        pack_linears(module)
     return ValueModel(TorchRunner(module), source.config, source.path)
 
 
