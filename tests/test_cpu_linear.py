@@ -48,3 +48,18 @@ def test_unknown_cpu_kernels_is_refused(tiny_gqa_model_dir):
 
     with pytest.raises(InputError, match="cpu_kernels"):
         load(tiny_gqa_model_dir, cpu_kernels="mkl")
+
+
+def test_masked_gqa_attention_keeps_kv_heads_and_the_values(tiny_gqa_model_dir):
+    """vexport_sdpa (backends/cpu_attention.py): the cached, masked calls of score_group and sessions give the
+    values of plain transformers."""
+    fast = load(tiny_gqa_model_dir, device="cpu")
+    plain = load(tiny_gqa_model_dir, device="cpu", cpu_kernels="torch")
+    assert fast.runner.module.config._attn_implementation == "vexport_sdpa"
+    assert plain.runner.module.config._attn_implementation == "sdpa"
+    prompt, responses = torch.randint(5, 200, (17,)), [[7, 8, 9, 10], [11], [12, 13]]
+    for got, want in zip(fast.score_group(prompt, responses), plain.score_group(prompt, responses)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    session, reference = fast.session(prompt), plain.session(prompt)
+    candidates = torch.tensor([3, 4, 5])
+    torch.testing.assert_close(session.score(candidates), reference.score(candidates), atol=1e-5, rtol=1e-4)

@@ -159,7 +159,8 @@ def load(model: str | os.PathLike, device: str | torch.device | None = None, dty
 
     The reference is float16 on CUDA and float32 on CPU unless ``dtype`` says otherwise. On CPU in float32 its
     decoder Linears run on oneDNN-packed weights (``backends/cpu_linear.py``: same math, faster than MKL's
-    sgemm on AMD CPUs and at few tokens); ``cpu_kernels="torch"`` keeps plain ``F.linear``. An artifact's files
+    sgemm on AMD CPUs and at few tokens) and masked GQA attention keeps its KV heads unrepeated
+    (``backends/cpu_attention.py``); ``cpu_kernels="torch"`` keeps plain transformers. An artifact's files
     are checked against its manifest first: sizes always, sha256 hashes unless ``verify_hashes=False`` (for
     very large local files you trust; hashing reads every byte, about 1 minute for 26 GB).
     """
@@ -172,6 +173,7 @@ def load(model: str | os.PathLike, device: str | torch.device | None = None, dty
 
 
 def _load_reference(model, device, dtype, allow_pickle: bool, cpu_kernels: str = "onednn") -> ValueModel:
+    from vexport.backends.cpu_attention import use_gqa_attention
     from vexport.backends.cpu_linear import pack_linears
     from vexport.backends.torch import TorchRunner
     from vexport.model import open_model
@@ -180,8 +182,9 @@ def _load_reference(model, device, dtype, allow_pickle: bool, cpu_kernels: str =
     device = default_device(device)
     dtype = _torch_dtype(dtype) or (torch.float16 if device.type == "cuda" else torch.float32)
     module = source.load_torch(dtype=dtype, device=str(device))
-    if cpu_kernels == "onednn":
+    if cpu_kernels == "onednn" and device.type == "cpu":
         pack_linears(module)
+        use_gqa_attention(module)
     return ValueModel(TorchRunner(module), source.config, source.path)
 
 
