@@ -12,6 +12,8 @@ threads of an idle session, or torch's OpenMP threads, would slow the next row d
 
     python scripts/bench_onnx_cpu.py --work /tmp/bench_onnx            # builds the trained 135M value model
     python scripts/bench_onnx_cpu.py --model DIR --gptq GPTQ_DIR --reps 5 --rounds 3
+    python scripts/bench_onnx_cpu.py --model DIR --gptq GPTQ_DIR --shapes 1x64 --rounds 8 \
+        --rows "vexport optimized fp32" "GenAI builder fp32, exclude_lm_head"     # a closer look at two rows
 
 With a CUDA GPU and onnxruntime-gpu, ``--cuda`` adds ONNX Runtime's CUDA provider in fp16 against torch fp16 eager
 at 8x1024.
@@ -45,6 +47,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gptq", type=Path, help="GPTQ v1 checkpoint of --model (default: GPTQ-export one)")
     parser.add_argument("--reps", type=int, default=5, help="timed calls per row, shape and round")
     parser.add_argument("--rounds", type=int, default=3, help="times every row is measured, in turn")
+    parser.add_argument("--rows", nargs="+", help="measure only these rows (names as printed; eager always runs)")
+    parser.add_argument("--shapes", nargs="+", help="BATCHxSEQUENCE shapes (default: 1x64 1x512 8x256)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one row, JSON spec
     parser.add_argument("--no-genai", action="store_true", help="skip the ONNX Runtime GenAI builder rows")
     parser.add_argument("--cuda", action="store_true", help="add the fp16 CUDA comparison at 8x1024")
@@ -244,10 +248,12 @@ def main() -> None:
     config = json.loads((model / "config.json").read_text())
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     rows = {"transformers fp32 eager": {"kind": "torch", "path": str(model)}}
-    rows.update({name: {"kind": "ort", "path": str(path), "head_dim": head_dim} for name, path in graphs.items()})
+    rows.update({name: {"kind": "ort", "path": str(path), "head_dim": head_dim} for name, path in graphs.items()
+                 if not args.rows or name in args.rows})
+    shapes = tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes) if args.shapes else SHAPES
     print(f"CPU, {THREADS} threads, each row in its own process, {args.rounds} rounds of {args.reps} calls, "
           "median of round medians; ratio = tokens/s over eager")
-    print_table(measure(rows, SHAPES, args.reps, args.rounds, config["vocab_size"]), SHAPES,
+    print_table(measure(rows, shapes, args.reps, args.rounds, config["vocab_size"]), shapes,
                 "transformers fp32 eager")
     if args.cuda:
         cuda_comparison(model, args.work, args.reps, args.rounds)

@@ -2,9 +2,8 @@
 
 PyTorch's CPU ``F.linear`` calls MKL's sgemm, which is slow on AMD CPUs and at the few-token shapes of
 incremental scoring. oneDNN (bundled with PyTorch, what ``torch.compile``'s CPU freezing uses) runs the same
-float32 product from a weight reordered once into its blocked layout. Measured on the project's 2-core AMD EPYC
-(30 layers of SmolLM2-135M's Linears): 2.5x at 4 tokens, 1.65x at 64, 1.3x at 1024; the results differ from
-``F.linear`` by float32 rounding only (~2e-6 on unit-scale inputs).
+float32 product from a weight reordered once into its blocked layout; the results differ from ``F.linear`` by
+float32 rounding only. ``scripts/bench_cpu_linear.py`` measures both side by side (README: Performance).
 
 ``pack_linears`` swaps every ``nn.Linear`` of the decoder layers for a ``PackedLinear`` in place; the score head
 stays as it is. ``vexport.load(..., cpu_kernels="torch")`` keeps plain ``F.linear`` (the reference this is
@@ -21,7 +20,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-BATCH_HINT = 1024  # oneDNN picks its blocked layout for this many rows; measured best from 4 to 1024 rows
+BATCH_HINT = 1024  # oneDNN picks its blocked layout for this many rows (64 and 1024 were the fastest hints tried)
 
 
 def available() -> bool:
