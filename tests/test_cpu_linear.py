@@ -29,7 +29,8 @@ def test_load_packs_decoder_linears_and_keeps_the_values(tiny_gqa_model_dir):
     fast = load(tiny_gqa_model_dir, device="cpu")
     plain = load(tiny_gqa_model_dir, device="cpu", cpu_kernels="torch")
     fast_layers = fast.runner.module.model.layers
-    assert all(isinstance(m, PackedLinear) for m in fast_layers[0].modules() if isinstance(m, (nn.Linear, PackedLinear)))
+    linears = [m for m in fast_layers[0].modules() if isinstance(m, (nn.Linear, PackedLinear))]
+    assert len(linears) == 7 and all(isinstance(m, PackedLinear) for m in linears)
     assert not any(isinstance(m, PackedLinear) for m in plain.runner.module.modules())
     assert type(fast.runner.module.score) is nn.Linear  # the head is left to ValueHead
     ids = torch.randint(5, 200, (3, 23))

@@ -64,7 +64,8 @@ def pack_linears(module: nn.Module) -> int:
     with torch.no_grad():
         for layer in layers:
             for name, child in list(layer.named_modules()):
-                if type(child) is nn.Linear and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu":
+                weight = getattr(child, "weight", None)
+                if type(child) is nn.Linear and weight.dtype == torch.float32 and weight.device.type == "cpu":
                     parent_name, _, attr = name.rpartition(".")
                     setattr(layer.get_submodule(parent_name) if parent_name else layer, attr, PackedLinear(child))
                     count += 1
