@@ -35,9 +35,10 @@ _ALIGN = 4096  # page-aligned tensors, so ONNX Runtime can memory-map the extern
 _TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16}
 # MatMulNBits accuracy_level of the optimized int4 graph. 4: ONNX Runtime's CPU kernel multiplies int8-quantized
 # activations (per token and block) with the int4 codes, 1.6x the float-compute speed at 1x64 on the project's
-# 2-core CPU (scripts/bench_onnx_cpu.py), and keeps the GPTQ export's fidelity (trained SmolLM2-135M value model, built-in evaluation set: 10.94 dB
-# against the float reference, 11.16 dB with float compute, 5.24 dB for round-to-nearest). None: float compute,
-# the checkpoint's exact numerics (106 dB against the int4 torch runtime). CUDA ignores the attribute.
+# 2-core CPU (scripts/bench_onnx_cpu.py), and keeps the GPTQ export's fidelity (trained SmolLM2-135M value model,
+# built-in evaluation set: 10.94 dB against the float reference, 11.16 dB with float compute, 5.24 dB for
+# round-to-nearest). None: float compute, the checkpoint's exact numerics (106 dB against the int4 torch runtime).
+# CUDA ignores the attribute.
 INT4_ACCURACY_LEVEL: int | None = 4
 
 

@@ -126,6 +126,7 @@ class MatMulNBitsEmitter:
         self.options = gptq_options(source.config, source.path / "config.json")
         self.block_sizes: set[int] = set()
         self._gathers: dict[tuple[str, bytes], str] = {}
+        self._plans: dict[str, BlockPlan] = {}  # per Linear: each g_idx is read once, though asked for up to 3 times
         self._cache: tuple[str, dict[str, np.ndarray]] | None = None
 
     def __call__(self, b, x: str, prefix: str, name: str, bias: bool, *, out_order: np.ndarray | None = None,
@@ -176,11 +177,13 @@ class MatMulNBitsEmitter:
         return {} if self.accuracy_level is None else {"accuracy_level": self.accuracy_level}
 
     def _plan(self, prefix: str) -> BlockPlan:
-        if f"{prefix}.qweight" not in self.source.tensors:
-            raise VexportError(f"{self.source.path} has no {prefix}.qweight: every decoder Linear must be GPTQ")
-        plan = plan_blocks(self.source.read_tensor(f"{prefix}.g_idx").numpy(), f"{self.source.path}: {prefix}")
-        self.block_sizes.add(plan.block_size)
-        return plan
+        if prefix not in self._plans:
+            if f"{prefix}.qweight" not in self.source.tensors:
+                raise VexportError(f"{self.source.path} has no {prefix}.qweight: every decoder Linear must be GPTQ")
+            g_idx = self.source.read_tensor(f"{prefix}.g_idx").numpy()
+            self._plans[prefix] = plan_blocks(g_idx, f"{self.source.path}: {prefix}")
+            self.block_sizes.add(self._plans[prefix].block_size)
+        return self._plans[prefix]
 
     def _maker(self, prefixes: list[str], plan: BlockPlan, part: str, dtype: str,
                out_order: np.ndarray | None) -> Callable:
