@@ -21,8 +21,10 @@ method are checked against each other.
    The prompt's prefill is the same for the cached methods and is reported apart.
 
     python scripts/bench_decoding.py [--model DIR] [--threads 2] [--repeats 5] [--step-repeats 2] [--only PART]
+                                     [--device cuda] [--smoke] [--json PATH]
 
-Without --model it builds the trained value model (pip install 'vexport[trained]').
+Without --model it builds the trained value model (pip install 'vexport[trained]'). ``--smoke`` runs every
+method once on a few tokens (the code paths and the value checks, no timing claims: its "smoke" key says so).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,8 +43,20 @@ from transformers import DynamicCache
 
 import vexport
 
-PROMPT_GROUP, RESPONSES, RESPONSE_LEN = 512, 8, 64
-PROMPT_STEPS, CANDIDATES, STEPS = 256, 4, 32
+
+@dataclass(frozen=True)
+class Workload:
+    """The token counts of the two benchmarks (the defaults are the ones described above)."""
+
+    prompt_group: int = 512
+    responses: int = 8
+    response_len: int = 64
+    prompt_steps: int = 256
+    candidates: int = 4
+    steps: int = 32
+
+
+SMOKE = Workload(prompt_group=24, responses=3, response_len=5, prompt_steps=12, candidates=3, steps=3)
 
 
 def sync(device: torch.device) -> None:
@@ -70,13 +85,13 @@ def hf_group(module, prompt: torch.Tensor, responses: torch.Tensor) -> torch.Ten
     return module.score(hidden)[..., 0].float()
 
 
-def bench_group(model, module, vocab: int, repeats: int, generator: torch.Generator) -> dict:
+def bench_group(model, module, vocab: int, repeats: int, generator: torch.Generator, w: Workload) -> dict:
     device = model.device
-    prompt = random_ids(generator, vocab, PROMPT_GROUP).to(device)
-    responses = random_ids(generator, vocab, RESPONSES, RESPONSE_LEN).to(device)
-    full_ids = torch.cat([prompt.expand(RESPONSES, -1), responses], dim=1)
+    prompt = random_ids(generator, vocab, w.prompt_group).to(device)
+    responses = random_ids(generator, vocab, w.responses, w.response_len).to(device)
+    full_ids = torch.cat([prompt.expand(w.responses, -1), responses], dim=1)
     methods = {
-        "full": lambda: model.values(full_ids)[:, PROMPT_GROUP:],
+        "full": lambda: model.values(full_ids)[:, w.prompt_group:],
         "transformers_cache": lambda: hf_group(module, prompt, responses),
         "vexport_score_group": lambda: torch.stack(model.score_group(prompt, responses)),
     }
@@ -95,7 +110,7 @@ def bench_group(model, module, vocab: int, repeats: int, generator: torch.Genera
         "seconds_each_run": times,
         "speedup_vs_full": best["full"] / best["vexport_score_group"],
         "transformers_cache_speedup_vs_full": best["full"] / best["transformers_cache"],
-        "work_ratio": RESPONSES * (PROMPT_GROUP + RESPONSE_LEN) / (PROMPT_GROUP + RESPONSES * RESPONSE_LEN),
+        "work_ratio": w.responses * (w.prompt_group + w.response_len) / (w.prompt_group + w.responses * w.response_len),
         "max_abs_diff_vs_full": max(float((outputs[n] - outputs["full"]).abs().max()) for n in methods),
     }
 
@@ -137,7 +152,7 @@ def run_steps(model, plain, prompt: torch.Tensor, candidates: torch.Tensor, pick
     prefill["vexport_session"], session = timed(lambda: model.session(prompt), device)
     prefix = prompt
     for step, (cands, pick) in enumerate(zip(candidates, picks)):
-        rerun_ids = torch.cat([prefix.expand(CANDIDATES, -1), cands[:, None]], dim=1)
+        rerun_ids = torch.cat([prefix.expand(len(cands), -1), cands[:, None]], dim=1)
         seconds = {}
         seconds["rerun"], rerun = timed(lambda: model.values(rerun_ids)[:, -1], device)
         seconds["transformers_copy"], copied = timed(lambda: (copier.score(cands), copier.advance(pick))[0], device)
@@ -149,11 +164,11 @@ def run_steps(model, plain, prompt: torch.Tensor, candidates: torch.Tensor, pick
     return {"totals": totals, "prefill": prefill, "max_abs_diff": diff}
 
 
-def bench_steps(model, plain, vocab: int, repeats: int, generator: torch.Generator) -> dict:
+def bench_steps(model, plain, vocab: int, repeats: int, generator: torch.Generator, w: Workload) -> dict:
     device = model.device
-    prompt = random_ids(generator, vocab, PROMPT_STEPS).to(device)
-    candidates = random_ids(generator, vocab, STEPS + 1, CANDIDATES).to(device)
-    picks = torch.randint(0, CANDIDATES, (STEPS + 1,), generator=generator).tolist()
+    prompt = random_ids(generator, vocab, w.prompt_steps).to(device)
+    candidates = random_ids(generator, vocab, w.steps + 1, w.candidates).to(device)
+    picks = torch.randint(0, w.candidates, (w.steps + 1,), generator=generator).tolist()
     with torch.inference_mode():
         runs = [run_steps(model, plain, prompt, candidates, picks) for _ in range(repeats)]
     best = {name: min(run["totals"][name] for run in runs) for name in runs[0]["totals"]}
@@ -179,7 +194,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", choices=["best_of_n", "value_guided_steps"], help="run one of the two")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--smoke", action="store_true", help="one run of each method: code paths, no timing claims")
     args = parser.parse_args()
+    workload = SMOKE if args.smoke else Workload()
+    if args.smoke:
+        args.repeats = args.step_repeats = 1
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model
@@ -190,16 +209,17 @@ def main() -> None:
         model = vexport.load(folder, device=args.device, dtype="float32")
         module = model.runner.module
         load_before = os.getloadavg()
-        results = {"model": str(folder), "device": str(model.device), "threads": args.threads}
+        results = {"model": str(folder), "device": str(model.device), "threads": args.threads, "smoke": args.smoke}
         vocab = model.config.vocab_size
         if args.only in (None, "best_of_n"):
-            results["best_of_n"] = bench_group(model, module, vocab, args.repeats, torch.Generator().manual_seed(0))
+            results["best_of_n"] = bench_group(model, module, vocab, args.repeats, torch.Generator().manual_seed(0),
+                                               workload)
         if args.only in (None, "value_guided_steps"):
             from transformers import AutoModelForTokenClassification
 
             plain = AutoModelForTokenClassification.from_pretrained(folder, dtype=torch.float32).to(args.device).eval()
             results["value_guided_steps"] = bench_steps(model, plain, vocab, args.step_repeats,
-                                                        torch.Generator().manual_seed(1))
+                                                        torch.Generator().manual_seed(1), workload)
         results["load_average_before_after"] = [load_before[0], os.getloadavg()[0]]
     text = json.dumps(results, indent=2)
     print(text)

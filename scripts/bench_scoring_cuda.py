@@ -14,15 +14,16 @@ For each path: real tokens per second, the ratio to HF eager, and the model FLOP
 - vexport ONNX Runtime: the fp16 ONNX export on the CUDA provider, length-sorted token-budget batches
   (skipped when onnxruntime-gpu is not installed).
 
-Without a GPU this is a smoke test only: a tiny model on the CPU through the same three paths, checked for
-agreement; it prints no speed figures.
+Without a GPU (or with ``--smoke``) this is a smoke test only: a tiny model on the CPU through the same three
+paths, checked for agreement; it prints no speed figures. ``--json PATH`` also writes the table's figures.
 
-    python scripts/bench_scoring_cuda.py [--layers 8] [--mixed 64] [--batch-tokens 16384] [--compile]
+    python scripts/bench_scoring_cuda.py [--layers 8] [--mixed 64] [--batch-tokens 16384] [--compile] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import tempfile
 import time
@@ -134,18 +135,23 @@ def peak_flops(override: float | None) -> float | None:
     return hits[0] * 1e12 if hits else None
 
 
-def report(name: str, paths: dict, seqs: list[list[int]], params: int, peak: float | None, repeats: int) -> None:
+def report(name: str, paths: dict, seqs: list[list[int]], params: int, peak: float | None, repeats: int) -> list[dict]:
     """One table row per path; ``repeats=0`` (the CPU smoke test) checks agreement and prints no times."""
     tokens = sum(len(s) for s in seqs)
     results = {path: timed(score, seqs, repeats) if repeats else (0.0, score(seqs)) for path, score in paths.items()}
     base_time, base_values = results["HF eager fp16"]
+    rows = []
     for path, (seconds, values) in results.items():
         err = max(float(np.abs(a - b).max()) for a, b in zip(values, base_values))
+        rows.append({"workload": name, "path": path, "real_tokens": tokens, "max_abs_diff_vs_hf": err})
         if not repeats:
             log.info("| %s | %s | - | - | - | %.2e |", name, path, err)
             continue
-        mfu = f"{2 * params * tokens / seconds / peak:.1%}" if peak else "n/a (pass --peak-tflops)"
+        rows[-1].update(tokens_per_s=tokens / seconds, vs_hf_eager=base_time / seconds,
+                        mfu=2 * params * tokens / seconds / peak if peak else None)
+        mfu = f"{rows[-1]['mfu']:.1%}" if peak else "n/a (pass --peak-tflops)"
         log.info("| %s | %s | %.0f | %.2fx | %s | %.2e |", name, path, tokens / seconds, base_time / seconds, mfu, err)
+    return rows
 
 
 def main() -> None:
@@ -157,9 +163,11 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the vexport backbone")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s of this GPU")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--smoke", action="store_true", help="the tiny CPU model, agreement only, no timings")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    on_gpu = torch.cuda.is_available()
+    on_gpu = torch.cuda.is_available() and not args.smoke
     device = "cuda" if on_gpu else "cpu"
     if not on_gpu:
         log.info("no CUDA GPU: smoke test on the CPU with a tiny model (agreement only, no speed figures)")
@@ -178,8 +186,13 @@ def main() -> None:
                  args.layers if on_gpu else 2, params / 1e9)
         log.info("| workload | path | real tokens/s | vs HF eager | MFU | max abs diff vs HF |")
         log.info("|---|---|---|---|---|---|")
-        for name, seqs in workloads(args.mixed, vocab, on_gpu).items():
-            report(name, paths, seqs, params, peak, args.repeats if on_gpu else 0)
+        rows = [row for name, seqs in workloads(args.mixed, vocab, on_gpu).items()
+                for row in report(name, paths, seqs, params, peak, args.repeats if on_gpu else 0)]
+    if args.json:
+        figures = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "smoke": not on_gpu,
+                   "layers": args.layers if on_gpu else 2, "parameters": params, "batch_tokens": args.batch_tokens,
+                   "compile": args.compile, "peak_flops": peak, "paths": list(paths), "rows": rows}
+        args.json.write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

@@ -8,14 +8,17 @@ write), measured in the same run.
 Without a GPU this is a smoke test only: tiny shapes under the Triton interpreter, checked against the
 reference; it prints no speed figures.
 
-    python scripts/bench_value_head.py [--hidden 5120] [--tokens 1 512 16384] [--dtype float16]
+    python scripts/bench_value_head.py [--hidden 5120] [--tokens 1 512 16384] [--dtype float16] [--smoke]
+                                       [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+from pathlib import Path
 
 import torch
 
@@ -69,28 +72,37 @@ def bench_size(tokens: int, hidden: int, dtype: torch.dtype, copy_bw: float) -> 
             "speedup": unfused_ms / fused_ms, "bw_fraction": moved / (fused_ms * 1e-3) / copy_bw}
 
 
-def run_gpu(args: argparse.Namespace) -> None:
+def run_gpu(args: argparse.Namespace) -> dict:
     dtype = DTYPES[args.dtype]
     copy_bw = copy_bandwidth()
     log.info("device: %s; copy bandwidth (read + write): %.0f GB/s", torch.cuda.get_device_name(), copy_bw / 1e9)
     log.info("| tokens | fused µs | HF norm + linear µs | HF / fused | fused bandwidth / copy bandwidth |")
     log.info("|---|---|---|---|---|")
+    rows = []
     for tokens in args.tokens:
-        r = bench_size(tokens, args.hidden, dtype, copy_bw)
+        rows.append(r := bench_size(tokens, args.hidden, dtype, copy_bw))
         log.info("| %d | %.1f | %.1f | %.2fx | %.0f%% |", r["tokens"], r["fused_us"], r["hf_us"], r["speedup"],
                  100 * r["bw_fraction"])
+    return {"device": torch.cuda.get_device_name(), "smoke": False, "hidden": args.hidden, "dtype": args.dtype,
+            "copy_GBps": copy_bw / 1e9, "rows": rows}
 
 
-def run_smoke() -> None:
+@torch.inference_mode()
+def run_smoke() -> dict:
     from vexport.kernels.reference import value_head_reference
 
-    log.info("no CUDA GPU: smoke test under the Triton interpreter (tiny shapes, correctness only, no timings)")
-    for dtype in DTYPES.values():
-        norm, score = head_modules(123, dtype, "cpu")
-        x = torch.randn(5, 123, dtype=dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    log.info("smoke test on %s (tiny shapes, correctness only, no timings; the Triton interpreter on a CPU)", device)
+    rows = []
+    for name, dtype in DTYPES.items():
+        norm, score = head_modules(123, dtype, device)
+        x = torch.randn(5, 123, dtype=dtype, device=device)
         expected = value_head_reference(x, norm.weight, score.weight, score.bias, eps=norm.variance_epsilon)
-        torch.testing.assert_close(fused(norm, score, x), expected, atol=1e-2, rtol=1e-2)
+        got = fused(norm, score, x)
+        torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
+        rows.append({"dtype": name, "tokens": 5, "hidden": 123, "max_abs_err": float((got - expected).abs().max())})
         log.info("%s: fused head matches the reference on [5, 123]", dtype)
+    return {"device": device, "smoke": True, "rows": rows}
 
 
 def main() -> None:
@@ -98,13 +110,14 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=5120)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 512, 16384])
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, correctness only, no timings")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
-    if torch.cuda.is_available():
-        run_gpu(args)
-    else:
-        run_smoke()
+    figures = run_gpu(args) if torch.cuda.is_available() and not args.smoke else run_smoke()
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":
