@@ -34,6 +34,7 @@ import tempfile
 import time
 import tomllib
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -89,9 +90,10 @@ class Outcome:
     title: str
     limit_s: int
     command: str
-    status: str = "pending"  # ok | failed | timeout | skipped | pending
+    status: str = "pending"  # ok | failed | timeout | skipped | interrupted | pending | running
     wall_s: float = 0.0
     returncode: int | None = None
+    cpu_s: float | None = None  # CPU seconds of a forked (--smoke) step
     note: str = ""
     figures: dict = field(default_factory=dict)
     tests: dict = field(default_factory=dict)
@@ -104,8 +106,8 @@ def gpu_tests(root: Path = REPO) -> list[str]:
     found = []
     for path in sorted((root / "tests").glob("test_*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        module_gpu = any(isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "pytestmark" for t in node.targets)
-                         and _marks_gpu(node.value) for node in tree.body)
+        module_gpu = any(isinstance(node, ast.Assign) and _marks_gpu(node.value)
+                         and any(getattr(t, "id", "") == "pytestmark" for t in node.targets) for node in tree.body)
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef) and node.name.startswith("test"):
                 if module_gpu or any(_marks_gpu(d) for d in node.decorator_list):
@@ -133,26 +135,28 @@ def plan(mode: str, work: Path) -> list[Step]:
         return (py, f"scripts/{name}", *args, "--json", str(fig / f"{name[6:-3]}.json"), *(["--smoke"] * smoke))
 
     steps = [
-        Step("models", "value models for the parity and decoding steps", 30,
+        Step("models", "value models for the parity and decoding steps", 20,
              (*own, "--step", "models", "--json", str(fig / "models.json")), ("scripts/make_tiny_value_model.py",),
              figures=str(fig / "models.json")),
-        Step("gpu_tests", "gpu-marked tests (pytest -m gpu)", 75,
+        Step("gpu_tests", "gpu-marked tests (pytest -m gpu)", 100,
              (py, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider",
-              f"--junitxml={work / 'gpu_tests.xml'}", *test_files), tuple(test_files), junit=str(work / "gpu_tests.xml")),
+              f"--junitxml={work / 'gpu_tests.xml'}", *test_files), tuple(test_files),
+             junit=str(work / "gpu_tests.xml")),
         Step("parity", "parity on CUDA: fp16 vs fp32 reference, GPTQ int4 vs fp16 reference", 60,
              (*own, "--step", "parity", "--json", str(fig / "parity.json")), needs=("models",),
              figures=str(fig / "parity.json")),
         Step("int4_matmul", "int4 Triton matmul vs fp16 F.linear, 13B shapes", 40,
-             bench("bench_int4_matmul.py", *(["--tokens", "1", "16", "4096"] * quick)), ("scripts/bench_int4_matmul.py",),
+             bench("bench_int4_matmul.py", *(["--tokens", "1", "16", "4096"] * quick)),
+             ("scripts/bench_int4_matmul.py",),
              figures=str(fig / "int4_matmul.json")),
-        Step("value_head", "fused value head vs HF norm + linear, hidden 5120", 30,
+        Step("value_head", "fused value head vs HF norm + linear, hidden 5120", 25,
              bench("bench_value_head.py", *(["--tokens", "1", "16384"] * quick)), ("scripts/bench_value_head.py",),
              figures=str(fig / "value_head.json")),
-        Step("scoring_cuda", "whole-model scoring, 13B-sized layers: vexport vs HF eager fp16", 80,
+        Step("scoring_cuda", "whole-model scoring, 13B-sized layers: vexport vs HF eager fp16", 75,
              bench("bench_scoring_cuda.py", "--layers", "2" if quick else "4", "--workdir", str(work),
                    *(["--mixed", "32", "--repeats", "2"] * quick)), ("scripts/bench_scoring_cuda.py",),
              figures=str(fig / "scoring_cuda.json")),
-        Step("gptq_layers", "GPTQ of 13B-sized layers on CUDA (quant/stream.py)", 45,
+        Step("gptq_layers", "GPTQ of 13B-sized layers on CUDA (quant/stream.py)", 60,
              (*own, "--step", "gptq_layers", "--json", str(fig / "gptq_layers.json")), ("vexport/quant/stream.py",),
              figures=str(fig / "gptq_layers.json")),
         Step("decoding", "value-guided decoding and best-of-n on CUDA (SmolLM2-shaped model)", 30,
@@ -179,7 +183,8 @@ def plan_document(mode: str, work: Path, budget_s: int) -> dict:
 
 
 def print_plan(doc: dict) -> None:
-    print(f"mode {doc['mode']}: {len(doc['steps'])} steps, limits {doc['total_limit_s']} s of a {doc['budget_s']} s budget")
+    print(f"mode {doc['mode']}: {len(doc['steps'])} steps, limits {doc['total_limit_s']} s "
+          f"of a {doc['budget_s']} s budget")
     for s in doc["steps"]:
         state = f" (skipped: {s['absent']})" if s["absent"] else ""
         print(f"  {s['name']:<13} {s['limit_s']:>4} s  {s['title']}{state}\n      {' '.join(s['argv'])}")
@@ -191,34 +196,65 @@ def print_plan(doc: dict) -> None:
 # ------------------------------------------------------------------------------------------ running steps
 def run_steps(steps: list[Step], budget_s: float, jobs: int, env: dict, logs: Path, record,
               fork: bool = False) -> list[Outcome]:
-    """Run STEPS (at most JOBS at once; 1 for timings) within BUDGET_S; RECORD(outcomes) after each one.
-    With FORK each step runs in a fork of this process (its imports already done) instead of a new one."""
-    outcomes = {s.name: Outcome(s.name, s.title, s.limit_s, " ".join(s.argv)) for s in steps}
-    deadline = time.monotonic() + budget_s
-    pending, running = list(steps), {}
-    while pending or running:
-        for step in list(pending):
-            if len(running) >= jobs:
-                break
-            blocked = [n for n in step.needs if outcomes[n].status in ("pending", "running")]
-            if blocked:
+    """Run STEPS (at most JOBS at once; 1 for timings) within BUDGET_S; RECORD(outcomes) before the first and
+    after each one. With FORK each step runs in a fork of this process (imports done) instead of a new one."""
+    run = _Run(list(steps), time.monotonic() + budget_s, jobs, env, logs, record, _fork if fork else _start)
+    run.outcomes = {s.name: Outcome(s.name, s.title, s.limit_s, " ".join(s.argv)) for s in steps}
+    record(list(run.outcomes.values()))
+    try:
+        while run.pending or run.running:
+            run.start_ready()
+            run.reap()
+            time.sleep(0.1)
+    finally:  # interrupted (SIGTERM, Ctrl-C): no step outlives the suite, and the results say so
+        for name, running in run.running.items():
+            _kill_group(running.popen)
+            run.outcomes[name].status, run.outcomes[name].note = "interrupted", "the suite was stopped"
+        if run.running:
+            record(list(run.outcomes.values()))
+    return list(run.outcomes.values())
+
+
+@dataclass
+class _Run:
+    """One suite run: the steps not started yet, those running, every outcome so far."""
+
+    pending: list[Step]
+    deadline: float
+    jobs: int
+    env: dict
+    logs: Path
+    record: Callable[[list[Outcome]], None]
+    start: Callable[..., _Running]
+    running: dict[str, _Running] = field(default_factory=dict)
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+    steps: dict[str, Step] = field(default_factory=dict)
+
+    def start_ready(self) -> None:
+        """Start (or skip, with the reason) the steps whose needs are settled, up to JOBS at once."""
+        for step in list(self.pending):
+            if len(self.running) >= self.jobs:
+                return
+            if any(self.outcomes[n].status in ("pending", "running") for n in step.needs):
                 continue
-            pending.remove(step)
-            why = _skip_reason(step, outcomes, deadline - time.monotonic())
-            if why:
-                outcomes[step.name].status, outcomes[step.name].note = "skipped", why
-                record(list(outcomes.values()))
+            self.pending.remove(step)
+            self.steps[step.name] = step
+            outcome = self.outcomes[step.name]
+            outcome.note = _skip_reason(step, self.outcomes, self.deadline - time.monotonic())
+            if outcome.note:
+                outcome.status = "skipped"
+                self.record(list(self.outcomes.values()))
                 continue
-            start = _fork if fork else _start
-            running[step.name] = start(step, env, logs, min(step.limit_s, deadline - time.monotonic()))
-            outcomes[step.name].status = "running"
-        for name, proc in list(running.items()):
-            if _finished(proc, outcomes[name]):
-                del running[name]
-                _collect(next(s for s in steps if s.name == name), outcomes[name], proc)
-                record(list(outcomes.values()))
-        time.sleep(0.1)
-    return list(outcomes.values())
+            timeout_s = min(step.limit_s, self.deadline - time.monotonic())
+            self.running[step.name] = self.start(step, self.env, self.logs, timeout_s)
+            outcome.status = "running"
+
+    def reap(self) -> None:
+        for name, running in list(self.running.items()):
+            if _finished(running, self.outcomes[name]):
+                del self.running[name]
+                _collect(self.steps[name], self.outcomes[name], running)
+                self.record(list(self.outcomes.values()))
 
 
 def _skip_reason(step: Step, outcomes: dict[str, Outcome], left_s: float) -> str:
@@ -254,13 +290,14 @@ class _Forked:
     """The part of ``subprocess.Popen`` the runner uses, for a forked child."""
 
     def __init__(self, pid: int):
-        self.pid, self.returncode = pid, None
+        self.pid, self.returncode, self.cpu_s = pid, None, None
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            pid, status, usage = os.wait4(self.pid, os.WNOHANG)
             if pid:
                 self.returncode = os.waitstatus_to_exitcode(status)
+                self.cpu_s = round(usage.ru_utime + usage.ru_stime, 2)
         return self.returncode
 
     def wait(self, timeout: float) -> int:
@@ -297,6 +334,7 @@ def _fork(step: Step, env: dict, logs: Path, timeout_s: float) -> _Running:
         return _Running(_Forked(pid), log, time.monotonic(), timeout_s)
     code = 1
     try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.setsid()
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(fd, 1), os.dup2(fd, 2)
@@ -323,6 +361,7 @@ def _run_command(args: list[str]) -> int:
     if args[:2] == ["-m", "pytest"]:
         import pytest
 
+        sys.path.insert(0, os.getcwd())  # as `python -m` does
         return int(pytest.main(args[2:]))
     sys.argv = args
     sys.path.insert(0, str(REPO / Path(args[0]).parent))
@@ -340,6 +379,7 @@ def _finished(run: _Running, outcome: Outcome) -> bool:
     else:
         return False
     outcome.returncode, outcome.wall_s = run.popen.returncode, round(time.monotonic() - run.started, 2)
+    outcome.cpu_s = getattr(run.popen, "cpu_s", None)
     return True
 
 
@@ -778,7 +818,8 @@ def run_suite(args: argparse.Namespace, mode: str) -> int:
     if args.out is None:
         raise SuiteError("--out DIR is needed to run the suite (or give --plan, --env-check or --wheels)")
     if mode == "smoke":
-        os.environ.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")  # this process and every step
+        # this process and every step: no GPU, Triton interpreted, one thread a step (2 steps share 2 cores)
+        os.environ.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
         preload()
     elif not _has_cuda():
         raise SuiteError("no CUDA GPU on this machine: the suite needs one (--smoke runs it on tiny shapes "
@@ -794,6 +835,7 @@ def run_suite(args: argparse.Namespace, mode: str) -> int:
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "environment": environment(),
               "excluded": EXCLUDED, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     steps = plan(mode, work)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally blocks end the running step
     outcomes = run_steps(steps, args.budget_s, jobs, env, work / "logs",
                          lambda done: write_results(args.out, header, done), fork=mode == "smoke")
     header["wall_s"] = round(time.monotonic() - started, 1)
@@ -802,7 +844,7 @@ def run_suite(args: argparse.Namespace, mode: str) -> int:
         _remove_tree(work)
     for o in outcomes:
         print(f"{o.name:<13} {o.status:<8} {o.wall_s:7.1f} s  {o.note}")
-    return 1 if any(o.status in ("failed", "timeout") for o in outcomes) else 0
+    return 1 if any(o.status not in ("ok", "skipped") for o in outcomes) else 0
 
 
 def _has_cuda() -> bool:

@@ -84,7 +84,8 @@ def test_plan_covers_every_gpu_test_and_cuda_benchmark(plans):
     for file in {t.split("::")[0] for t in tests}:
         assert file in steps["gpu_tests"]["covers"] and file in steps["gpu_tests"]["argv"]
     covered = {path for s in doc["steps"] for path in s["covers"]}
-    cuda_benches = {f"scripts/{p.name}" for p in (REPO / "scripts").glob("bench_*.py") if "cuda" in p.read_text().lower()}
+    cuda_benches = {f"scripts/{p.name}" for p in (REPO / "scripts").glob("bench_*.py")
+                    if "cuda" in p.read_text().lower()}
     assert len(cuda_benches) >= 5
     for bench in cuda_benches:
         assert bench in covered or doc["excluded"].get(bench), f"{bench} has CUDA code but no place in the suite"
@@ -101,6 +102,9 @@ def test_step_limits_fit_the_default_budget(plans, module):
         assert sum(limits) <= doc["budget_s"], (mode, sum(limits))
         assert doc["total_limit_s"] == sum(limits)
     assert [s["name"] for s in plans["full"]["steps"]][:3] == ["models", "gpu_tests", "parity"]
+    readme = (REPO / "README.md").read_text().split("## GPU suite", 1)[1].split("\n## ", 1)[0]
+    table = re.findall(r"^\| (\w+) \| (\d+) s \|", readme, re.M)  # the README's table says the plan's limits
+    assert table == [(s["name"], str(s["limit_s"])) for s in plans["full"]["steps"]]
 
 
 def test_gpu_test_discovery_reads_marks(tmp_path, module):
@@ -120,7 +124,8 @@ def test_env_check_and_wheels_dry_run(tmp_path, module):
     assert {module._requirement_name(r) for r in module.suite_requirements() if not installed(r)} <= missing
     assert done.returncode == (1 if missing else 0)
     assert report["cuda"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device")
-    assert {"torch", "jsonschema", "pytest"} <= {module._requirement_name(s["requirement"]) for s in report["requirements"]}
+    listed = {module._requirement_name(s["requirement"]) for s in report["requirements"]}
+    assert {"torch", "jsonschema", "pytest"} <= listed
     dry = suite("--wheels", tmp_path / "wheels", "--dry-run")
     assert dry.returncode == 0 and not (tmp_path / "wheels").exists()
     listed = [line for line in dry.stdout.splitlines() if not line.startswith("#")]
@@ -162,7 +167,7 @@ def test_runner_budget_timeout_and_needs(tmp_path, module):
     assert outcomes["fails"].status == "failed" and outcomes["fails"].returncode == 3
     assert outcomes["after"].status == "skipped" and "fails" in outcomes["after"].note
     assert outcomes["late"].status == "ok"  # its limit is cut to what is left, not skipped
-    assert len(records) == len(steps)
+    assert len(records) == len(steps) + 1  # once before the first step, then after each one
 
 
 def test_smoke_runs_every_step(tmp_path, plans):
