@@ -124,7 +124,7 @@ def main() -> None:
         log.info("device: %s; fp16, group %d, act-order; shipped path: Triton up to %d rows",
                  torch.cuda.get_device_name(), GROUP_SIZE, _triton_rows())
         log.info("| shape | tokens | int4 Triton µs | fp16 F.linear µs | F.linear / int4 | vexport QuantLinear µs "
-                 "| int4 weight GB/s | max abs err vs dequantized fp16 | relative |\n|---|---|---|---|---|---|---|---|---|")
+                 "| int4 weight GB/s | max abs err vs dequantized fp16 | relative |\n|%s", "---|" * 9)
     rows = run(SMOKE_SHAPES if smoke else SHAPES_13B, [1, 5, 33] if smoke else args.tokens, device, not smoke)
     worst = max(r["rel_err"] for r in rows)
     figures = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "smoke": smoke, "dtype": "float16",
