@@ -33,18 +33,19 @@ GROUP_SIZE = 128
 
 
 def gptq_tensors(in_f: int, out_f: int, device: str, seed: int) -> dict[str, torch.Tensor]:
-    """Random GPTQ v1 tensors (full 0..15 codes and zeros, positive scales, act-order g_idx)."""
+    """Random GPTQ v1 tensors (full 0..15 codes and zeros, positive scales, act-order g_idx), made on DEVICE
+    (a 13824 x 5120 weight takes seconds to draw and pack on a CPU)."""
     from vexport.quant.pack import pack_gptq_v1
     from vexport.quant.types import QuantizedWeight, num_groups
 
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     groups = num_groups(in_f, GROUP_SIZE)
-    g_idx = (torch.arange(in_f) // GROUP_SIZE).to(torch.int32)[torch.randperm(in_f, generator=g)]
-    zeros = torch.randint(0, 16, (groups, out_f), generator=g, dtype=torch.int32)
-    q = torch.randint(0, 16, (out_f, in_f), generator=g, dtype=torch.uint8)
-    scales = (torch.rand(groups, out_f, generator=g) * 0.05 + 0.005).half().float()
-    packed = pack_gptq_v1(QuantizedWeight(q, scales, zeros, g_idx, 4, GROUP_SIZE, False, True))
-    return {k: v.to(device) for k, v in packed.items()}
+    order = torch.randperm(in_f, generator=g, device=device)
+    g_idx = (torch.arange(in_f, device=device) // GROUP_SIZE).to(torch.int32)[order]
+    zeros = torch.randint(0, 16, (groups, out_f), generator=g, dtype=torch.int32, device=device)
+    q = torch.randint(0, 16, (out_f, in_f), generator=g, dtype=torch.uint8, device=device)
+    scales = (torch.rand(groups, out_f, generator=g, device=device) * 0.05 + 0.005).half().float()
+    return pack_gptq_v1(QuantizedWeight(q, scales, zeros, g_idx, 4, GROUP_SIZE, False, True))
 
 
 def errors(out: torch.Tensor, expected: torch.Tensor) -> dict:

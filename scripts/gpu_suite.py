@@ -139,7 +139,7 @@ def plan(mode: str, work: Path) -> list[Step]:
              (*own, "--step", "models", "--json", str(fig / "models.json")), ("scripts/make_tiny_value_model.py",),
              figures=str(fig / "models.json")),
         Step("gpu_tests", "gpu-marked tests (pytest -m gpu)", 100,
-             (py, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider",
+             (py, "-m", "pytest", "-m", "gpu", "-v", "-rA", "--durations=15", "-p", "no:cacheprovider",
               f"--junitxml={work / 'gpu_tests.xml'}", *test_files), tuple(test_files),
              junit=str(work / "gpu_tests.xml")),
         Step("parity", "parity on CUDA: fp16 vs fp32 reference, GPTQ int4 vs fp16 reference", 60,
@@ -403,6 +403,8 @@ def _collect(step: Step, outcome: Outcome, run: _Running) -> None:
         outcome.figures = json.loads(Path(step.figures).read_text())
     if step.junit and Path(step.junit).is_file():
         outcome.tests = junit_summary(Path(step.junit))
+    elif step.junit:  # cut short: pytest writes its XML at the end, but -v printed each finished test
+        outcome.tests = {**log_summary(text), "note": "from the log: pytest did not finish"}
         if outcome.status == "failed" and outcome.tests.get("failed", 0) == 0 and outcome.tests.get("errors", 0) == 0:
             outcome.note = "pytest failed without a failing test (see the log tail)"
 
@@ -419,6 +421,15 @@ def junit_summary(path: Path) -> dict:
         module = case.get("classname", "").replace(".", "/")
         cases.append({"id": f"{module}.py::{case.get('name')}", "outcome": outcome, "message": message})
     counts = {k: sum(c["outcome"] == k for c in cases) for k in ("passed", "failed", "errors", "skipped")}
+    return {**counts, "cases": cases}
+
+
+def log_summary(text: str) -> dict:
+    """The finished tests of a cut-short ``pytest -v`` run, from its ``file::test OUTCOME`` lines."""
+    outcomes = {"PASSED": "passed", "FAILED": "failed", "ERROR": "errors", "SKIPPED": "skipped"}
+    line = re.compile(r"^(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED)(?: \((.*)\))?(?:\s+\[\s*\d+%\])?$", re.M)
+    cases = [{"id": m[1], "outcome": outcomes[m[2]], "message": (m[3] or "")[:200]} for m in line.finditer(text)]
+    counts = {k: sum(c["outcome"] == k for c in cases) for k in outcomes.values()}
     return {**counts, "cases": cases}
 
 
@@ -829,7 +840,7 @@ def run_suite(args: argparse.Namespace, mode: str) -> int:
     for sub in ("figures", "logs"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1"}
+           "HF_HUB_OFFLINE": "1", "COLUMNS": "400"}  # wide: pytest -v lines keep the whole skip reason
     started, jobs = time.monotonic(), args.jobs or (2 if mode == "smoke" else 1)
     header = {"suite": "vexport GPU suite", "mode": mode, "budget_s": args.budget_s, "jobs": jobs,
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "environment": environment(),

@@ -170,7 +170,7 @@ def test_runner_budget_timeout_and_needs(tmp_path, module):
     assert len(records) == len(steps) + 1  # once before the first step, then after each one
 
 
-def test_smoke_runs_every_step(tmp_path, plans):
+def test_smoke_runs_every_step(tmp_path, plans, module):
     out, work = tmp_path / "out", tmp_path / "work"
     done = suite("--smoke", "--out", out, "--work", work, "--budget-s", "400", timeout=420)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -184,6 +184,9 @@ def test_smoke_runs_every_step(tmp_path, plans):
     tests = steps["gpu_tests"]["tests"]
     assert {c["id"].split("[")[0] for c in tests["cases"]} >= grep_gpu_tests()
     assert tests["skipped"] == len(tests["cases"]) and "CUDA" in tests["cases"][0]["message"]
+    from_log = module.log_summary((work / "logs" / "gpu_tests.log").read_text())  # the timeout fallback
+    assert [(c["id"], c["outcome"], c["message"]) for c in from_log["cases"]] == \
+        [(c["id"], c["outcome"], c["message"]) for c in tests["cases"]]
     parity = steps["parity"]["figures"]["rows"]
     assert parity[0]["comparison"].startswith("torch fp16") and all(r["passed"] for r in parity)
     assert all(r["rel_err"] < 1e-2 for r in steps["int4_matmul"]["figures"]["rows"])
