@@ -677,10 +677,12 @@ def _normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def suite_requirements() -> list[str]:
-    """What the suite needs installed: vexport's dependencies, its build requirements (for the editable
+def suite_requirements(runtime_only: bool = False) -> list[str]:
+    """What the suite needs installed: vexport's dependencies, then its build requirements (for the editable
     install with --no-build-isolation) and pytest, read from pyproject.toml."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    if runtime_only:
+        return list(project["project"]["dependencies"])
     tests = [r for r in project["project"]["optional-dependencies"]["test"] if _requirement_name(r) == "pytest"]
     return [*project["project"]["dependencies"], *project["build-system"]["requires"], *tests]
 
@@ -831,6 +833,8 @@ def run_suite(args: argparse.Namespace, mode: str) -> int:
     if mode == "smoke":
         # this process and every step: no GPU, Triton interpreted, one thread a step (2 steps share 2 cores)
         os.environ.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    check_installed()
+    if mode == "smoke":
         preload()
     elif not _has_cuda():
         raise SuiteError("no CUDA GPU on this machine: the suite needs one (--smoke runs it on tiny shapes "
@@ -856,6 +860,19 @@ def run_suite(args: argparse.Namespace, mode: str) -> int:
     for o in outcomes:
         print(f"{o.name:<13} {o.status:<8} {o.wall_s:7.1f} s  {o.note}")
     return 1 if any(o.status not in ("ok", "skipped") for o in outcomes) else 0
+
+
+def check_installed() -> None:
+    """vexport (with its kernels) and its dependencies must be importable here, or no step can run."""
+    import importlib.util
+
+    statuses = map(requirement_status, suite_requirements(runtime_only=True))
+    missing = [s["requirement"] for s in statuses if not s["ok"]]
+    if missing:
+        raise SuiteError(f"missing on this machine: {', '.join(missing)} (--env-check lists them; "
+                         "--wheels DIR prepares those the GPU image lacks)")
+    if importlib.util.find_spec("vexport") is None or importlib.util.find_spec("vexport.kernels") is None:
+        raise SuiteError("vexport is not installed here: pip install --no-deps --no-build-isolation -e .")
 
 
 def _has_cuda() -> bool:
