@@ -67,13 +67,11 @@ def grep_gpu_tests() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def plans() -> dict[str, dict]:
-    docs = {}
-    for mode in ("full", "quick"):
-        done = suite("--plan", "--json", *([f"--{mode}"] if mode != "full" else []))
-        assert done.returncode == 0, done.stderr
-        docs[mode] = json.loads(done.stdout)
-    return docs
+def plans(module) -> dict[str, dict]:
+    done = suite("--plan", "--json")  # as CI's readers run it; --quick through the same function in-process
+    assert done.returncode == 0, done.stderr
+    quick = module.plan_document("quick", Path("WORK"), module.DEFAULT_BUDGET_S)
+    return {"full": json.loads(done.stdout), "quick": json.loads(json.dumps(quick))}
 
 
 def test_plan_covers_every_gpu_test_and_cuda_benchmark(plans):
@@ -117,12 +115,12 @@ def test_gpu_test_discovery_reads_marks(tmp_path, module):
     assert module.gpu_tests(tmp_path) == ["tests/test_a.py::test_one", "tests/test_b.py::test_two"]
 
 
-def test_env_check_and_wheels_dry_run(tmp_path, module):
-    done = suite("--env-check", "--json")
-    report = json.loads(done.stdout)
+def test_env_check_and_wheels_dry_run(tmp_path, module, capsys):
+    code = module.main(["--env-check", "--json"])  # in this process: torch is imported already
+    report = json.loads(capsys.readouterr().out)
     missing = {module._requirement_name(r) for r in report["missing"]}
     assert {module._requirement_name(r) for r in module.suite_requirements() if not installed(r)} <= missing
-    assert done.returncode == (1 if missing else 0)
+    assert code == (1 if missing else 0)
     assert report["cuda"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device")
     listed = {module._requirement_name(s["requirement"]) for s in report["requirements"]}
     assert {"torch", "jsonschema", "pytest"} <= listed
@@ -134,15 +132,19 @@ def test_env_check_and_wheels_dry_run(tmp_path, module):
     for requirement in project["dependencies"]:  # each one is in the image or in the download
         assert module._requirement_name(requirement) in module.IMAGE_PACKAGES or requirement in listed
     assert "--python-version 3.12" in dry.stdout and "manylinux" in dry.stdout
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    assert module.main(["--wheels", str(tmp_path / "taken")]) == 2  # refused before any download
+    assert capsys.readouterr().err.startswith("error: --wheels") and os.listdir(tmp_path / "taken") == ["notes.txt"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the suite would run for real")
-def test_without_cuda_it_exits_2_with_one_line(tmp_path):
-    done = suite("--out", tmp_path / "out")
-    assert done.returncode == 2 and not (tmp_path / "out").exists()
-    assert done.stderr.count("\n") == 1 and "no CUDA GPU" in done.stderr and "Traceback" not in done.stderr
-    bad = suite("--quick", "--smoke", "--out", tmp_path / "out")
-    assert bad.returncode == 2 and bad.stderr.startswith("error: --quick and --smoke")
+def test_without_cuda_it_exits_2_with_one_line(tmp_path, module, capsys):
+    assert module.main(["--out", str(tmp_path / "out")]) == 2 and not (tmp_path / "out").exists()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: no CUDA GPU")
+    bad = suite("--quick", "--smoke", "--out", tmp_path / "out")  # as a script: exit code and one line
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --quick and --smoke") and bad.stderr.count("\n") == 1
 
 
 def test_runner_budget_timeout_and_needs(tmp_path, module):
