@@ -179,7 +179,7 @@ def check(
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda if present)")] = None,
     batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Tokens per batch.")] = 4096,
     seed: Annotated[int, typer.Option("--seed", help="Seeds torch and the plotted token sample.")] = 0,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load a reference with pickle (.bin) weights.")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle (.bin) reference weights.")] = False,
     verify_hashes: Annotated[bool, typer.Option("--verify-hashes/--no-verify-hashes",
                                                 help="Check each artifact file's sha256 (sizes are always checked).")] = True,
 ):
@@ -335,7 +335,8 @@ def score(
         raise typer.Exit(130) from None
     if resume and summary["this_run"]["rows"] == 0:
         out.print(f"nothing left to score: {output} is complete ({summary['rows_scored']} rows scored, "
-                  f"{summary['rows_rejected']} rejected, see {output / 'errors.jsonl'})", highlight=False)
+                  f"{summary['rows_rejected']} rejected, see {output / 'errors.jsonl'})",
+                  highlight=False, soft_wrap=True)
         return
     out.print(f"scored {summary['rows_scored']} rows, rejected {summary['rows_rejected']} "
               f"(see {output / 'errors.jsonl'}); {summary['this_run']['tokens_per_s']:,.0f} tokens/s; wrote {output}")

@@ -1,4 +1,5 @@
-"""The output folder of a scoring run: Parquet parts, errors.jsonl, run.json (hashes for resume), summary.json.
+"""The output folder of a scoring run: Parquet parts, errors.jsonl, run.json (hashes for resume), checksums.jsonl,
+summary.json.
 
 Each part holds the scored rows of one input window, ``part-{start:012d}-{stop:012d}.parquet``, and is written
 to a hidden temporary name and renamed when complete, so a part is either whole or absent. The window's
@@ -9,8 +10,9 @@ appear twice, and a resumed run scores exactly the windows that have no part.
 
 Nothing is written until the first part commits: a run that fails before it (a model that does not load, a
 Ray cluster that cannot be joined, --strict on the first window) leaves the folder as it found it. Each part's
-sha256 is recorded in run.json before the part is renamed into place; --resume and read_scores check every
-part against it, so a part damaged after it was written (even with its footer intact) is found.
+sha256 is appended to checksums.jsonl (the run state beside run.json, append-only so that a run of many parts
+does not rewrite it each time) before the part is renamed into place; --resume and read_scores check every part
+against it, so a part damaged after it was written (even with its footer intact) is found.
 """
 
 from __future__ import annotations
@@ -31,13 +33,15 @@ from vexport.errors import OutputExistsError, VexportError
 log = logging.getLogger(__name__)
 
 STATE_NAME = "run.json"
+HASHES_NAME = "checksums.jsonl"
 ERRORS_NAME = "errors.jsonl"
 SUMMARY_NAME = "summary.json"
 PART_GLOB = "part-*.parquet"
 METADATA_KEY = b"vexport"
 STATE_VERSION = 1
 _PART = re.compile(r"^part-(\d{12})-(\d{12})\.parquet$")
-_OURS = re.compile(r"^(part-\d{12}-\d{12}\.parquet|errors\.jsonl|summary\.json|run\.json|\..*\.tmp)$")
+_OURS = re.compile(r"^(part-\d{12}-\d{12}\.parquet|errors\.jsonl|summary\.json|run\.json|checksums\.jsonl"
+                   r"|\..*\.tmp)$")
 
 
 def _temporary(name: str) -> bool:
@@ -85,7 +89,8 @@ class OutputFolder:
             if not has_state:
                 raise OutputExistsError(f"--resume: --output {path} is not empty and has no {STATE_NAME}: "
                                         "not a vexport score output (pass --force to replace it)")
-            folder = cls(path, _check_state(path, state), fresh=False)
+            _check_state(path, state)
+            folder = cls(path, state, fresh=False)
             folder._verify_parts()
             return folder
         if not force:
@@ -106,10 +111,10 @@ class OutputFolder:
             self.created = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
             self._remove(lambda name: bool(_OURS.match(name)))
-            self.state = {**self.state, "parts": {}}
             _write_json(self.path / STATE_NAME, self.state)
         else:
             self._remove(_temporary)
+            self._rewrite_hashes()  # whole lines only: a kill can leave the last one torn
         self.started = True
 
     def abandon(self) -> None:
@@ -128,7 +133,7 @@ class OutputFolder:
 
     def _verify_parts(self) -> None:
         """--resume: every part must still be the file whose sha256 run.json recorded when it was written."""
-        recorded = self.state.get("parts", {})
+        recorded = recorded_hashes(self.path)
         for file in sorted(self.path.glob(PART_GLOB)):
             if _PART.match(file.name) and file.name in recorded:
                 _verify_part(file, recorded[file.name], "--resume: ")
@@ -180,9 +185,11 @@ class OutputFolder:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        self.state.setdefault("parts", {})[name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
-                                                    "rows": part.num_rows}
-        _write_json(self.path / STATE_NAME, self.state)  # recorded first: a part on disk always has its record
+        record = {"part": name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "rows": part.num_rows}
+        with open(self.path / HASHES_NAME, "a", encoding="utf-8") as fh:  # first: a part on disk has its record
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, self.path / name)
         self.committed += 1
         self._append_errors(info.errors)
@@ -192,6 +199,13 @@ class OutputFolder:
         if errors:
             with open(self.path / ERRORS_NAME, "a", encoding="utf-8") as fh:
                 fh.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in errors)
+
+    def _rewrite_hashes(self) -> None:
+        records = recorded_hashes(self.path)
+        if records or (self.path / HASHES_NAME).exists():
+            tmp = self.path / f".{HASHES_NAME}.{uuid.uuid4().hex[:8]}.tmp"
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records.values()), encoding="utf-8")
+            os.replace(tmp, self.path / HASHES_NAME)
 
     def rebuild_errors(self) -> None:
         """errors.jsonl from the committed parts, in row order, replaced atomically."""
@@ -205,9 +219,9 @@ class OutputFolder:
         return _write_json(self.path / SUMMARY_NAME, summary)
 
 
-def _check_state(path: Path, state: dict) -> dict:
-    """The run.json of PATH, which must record the same input, model (weights and tokenizer/config files) and
-    options as STATE; returned with STATE's description (and the parts recorded so far)."""
+def _check_state(path: Path, state: dict) -> None:
+    """The run.json of PATH must record the same input, model (weights and tokenizer/config files) and options
+    as STATE."""
     try:
         old = json.loads((path / STATE_NAME).read_text())
     except (OSError, ValueError) as exc:
@@ -224,8 +238,6 @@ def _check_state(path: Path, state: dict) -> dict:
     if changed:
         raise VexportError(f"--resume: {path} was scored with other model files ({changed}): rows would mix two "
                            "tokenisations; use a new --output or --force")
-    parts = old.get("parts") if isinstance(old.get("parts"), dict) else {}
-    return {**state, "parts": parts}
 
 
 def _changed_files(before: dict | None, now: dict | None) -> str:
@@ -237,12 +249,29 @@ def _changed_files(before: dict | None, now: dict | None) -> str:
                      for n in names)
 
 
+def recorded_hashes(folder: Path) -> dict[str, dict]:
+    """{part name: its record} from checksums.jsonl (the last record of a name wins; a torn line is skipped)."""
+    records: dict[str, dict] = {}
+    try:
+        lines = (folder / HASHES_NAME).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return records  # none yet, or an output written before parts were hashed
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("part"), str):
+            records[record["part"]] = record
+    return records
+
+
 def _verify_part(file: Path, record: Any, prefix: str = "") -> bytes:
     """FILE's bytes, which must have the sha256 run.json recorded when the part was written."""
     data = file.read_bytes()
     expected = record.get("sha256") if isinstance(record, dict) else None
     if expected is not None and hashlib.sha256(data).hexdigest() != expected:
-        raise VexportError(f"{prefix}{file} does not match the sha256 recorded in {STATE_NAME} when it was written "
+        raise VexportError(f"{prefix}{file} does not match the sha256 recorded in {HASHES_NAME} when it was written "
                            "(damaged since): remove it and run again with --resume")
     return data
 
@@ -255,13 +284,10 @@ def read_scores(output: str | Path):
     files = sorted(p for p in Path(output).glob(PART_GLOB) if _PART.match(p.name))
     if not files:
         raise VexportError(f"{output} has no scoring parts ({PART_GLOB})")
-    try:
-        recorded = json.loads((Path(output) / STATE_NAME).read_text()).get("parts", {})
-    except (OSError, ValueError, AttributeError):
-        recorded = {}  # no run.json (parts copied elsewhere): each part is still read with its own checks
+    recorded = recorded_hashes(Path(output))  # none for parts copied without it: pyarrow's own checks remain
     tables = []
     for file in files:
-        data = _verify_part(file, recorded.get(file.name) if isinstance(recorded, dict) else None)
+        data = _verify_part(file, recorded.get(file.name))
         try:
             tables.append(pq.read_table(pa.BufferReader(data)).replace_schema_metadata(None))
         except Exception as exc:  # pyarrow raises OSError, ArrowInvalid, ... for a damaged file
