@@ -175,6 +175,7 @@ def results(world):
         "output_in_model": ["score", w["model"], "-i", w["rows"], "-o", w["model"] / "scores", "--force"],
         "output_holds_input": ["score", w["model"], "-i", w["rows"], "-o", w["rows"].parent, "--force"],
         "output_is_input": ["score", w["model"], "-i", w["rows"].parent, "-o", w["rows"].parent, "--force"],
+        "output_in_input": ["score", w["model"], "-i", w["rows"].parent, "-o", w["rows"].parent / "scores"],
         "force_foreign": ["score", w["model"], "-i", w["rows"], "-o", root / "foreign", "--force"],
         "no_tokenizer": ["score", w["no_tokenizer"], "-i", w["rows"], "-o", root / "no-tok-out"],
         "broken_tokenizer": ["score", w["broken_tokenizer"], "-i", w["rows"], "-o", root / "rerun"],
@@ -227,12 +228,13 @@ def test_strict_stops_at_the_first_non_finite_row_naming_file_and_line(results, 
 # 2. output safety
 @pytest.mark.parametrize("case, how", [("output_is_model", "is the input"), ("output_in_model", "is inside the input"),
                                        ("output_holds_input", "contains the input"),
-                                       ("output_is_input", "is the input")])
+                                       ("output_is_input", "is the input"),
+                                       ("output_in_input", "is inside the input")])  # without --force too
 def test_force_never_writes_into_or_over_an_input(results, world, tiny_model_dir, case, how):
     one_line_error(results[case], "--output", how)
     assert sorted(p.name for p in world["model"].iterdir()) == sorted(p.name for p in tiny_model_dir.iterdir())
     assert world["rows"].read_text().count("\n") == len(TEXTS)
-    assert not (world["model"] / "scores").exists()
+    assert not (world["model"] / "scores").exists() and not (world["rows"].parent / "scores").exists()
 
 
 def test_force_replaces_a_previous_score_output_but_refuses_any_other_folder(results, world):

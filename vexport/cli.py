@@ -18,7 +18,6 @@ from rich.table import Table
 from vexport.errors import VexportError
 
 
-
 # --- help layout: no "<bool>" beside flags, "MODEL" (not "{model}") for arguments in the usage line ---
 def _plain_help(params) -> None:
     """Flags show no type label; arguments show their name in capitals (as the docstrings spell them)."""
