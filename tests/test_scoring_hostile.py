@@ -97,6 +97,16 @@ def _poison(folder: Path) -> Path:
     return folder
 
 
+def _without_tokenizer(artifact: Path) -> Path:
+    """An exported artifact whose tokenizer files are gone, and gone from its manifest too (so it verifies)."""
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (artifact / name).unlink()
+        del manifest["files"][name]
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
+    return artifact
+
+
 def _with_new_token(folder: Path) -> Path:
     from transformers import AutoTokenizer
 
@@ -120,6 +130,8 @@ def world(tiny_model_dir, tmp_path_factory):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from vexport.export.onnx import export_onnx
+
     root = tmp_path_factory.mktemp("hostile")
     w = {"root": root, "model": copy_model(tiny_model_dir, root / "model")}
     w["rows"] = write_jsonl(root / "data" / "rows.jsonl", [{"id": f"r{i}", "text": t} for i, t in enumerate(TEXTS)])
@@ -130,6 +142,7 @@ def world(tiny_model_dir, tmp_path_factory):
     w["broken_tokenizer"] = copy_model(tiny_model_dir, root / "broken-tokenizer")
     (w["broken_tokenizer"] / "tokenizer.json").write_text("{ not a tokenizer")
     (root / "rerun").mkdir()  # an empty folder a failed start must leave empty
+    w["artifact"] = _without_tokenizer(export_onnx(tiny_model_dir, root / "onnx-artifact"))
     w["vocab_model"] = _with_new_token(copy_model(tiny_model_dir, root / "vocab-model"))
     w["vocab_rows"] = write_jsonl(root / "vocab.jsonl", [{"text": "the cat"}, {"text": "a mat"},
                                                          {"text": f"the {NEW_TOKEN} sat"}, {"text": "rain"}])
@@ -178,6 +191,7 @@ def results(world):
         "output_in_input": ["score", w["model"], "-i", w["rows"].parent, "-o", w["rows"].parent / "scores"],
         "force_foreign": ["score", w["model"], "-i", w["rows"], "-o", root / "foreign", "--force"],
         "no_tokenizer": ["score", w["no_tokenizer"], "-i", w["rows"], "-o", root / "no-tok-out"],
+        "artifact_no_tokenizer": ["score", w["artifact"], "-i", w["rows"], "-o", root / "artifact-out"],
         "broken_tokenizer": ["score", w["broken_tokenizer"], "-i", w["rows"], "-o", root / "rerun"],
         "rerun_after_failed_start": ["score", w["model"], "-i", w["rows"], "-o", root / "rerun"],
         "vocabulary": ["score", w["vocab_model"], "-i", w["vocab_rows"], "-o", root / "vocab-out"],
@@ -259,19 +273,9 @@ def test_a_model_without_a_tokenizer_is_one_line_naming_the_folder(results, worl
     assert not (world["root"] / "no-tok-out").exists()
 
 
-def test_an_artifact_without_a_tokenizer_is_refused_naming_the_folder(tiny_model_dir, tmp_path):
-    from vexport.export.onnx import export_onnx
-
-    artifact = export_onnx(tiny_model_dir, tmp_path / "onnx")
-    manifest = json.loads((artifact / "manifest.json").read_text())
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (artifact / name).unlink()
-        del manifest["files"][name]
-    (artifact / "manifest.json").write_text(json.dumps(manifest))
-    data = write_jsonl(tmp_path / "rows.jsonl", [{"text": "the cat"}])
-    with pytest.raises(VexportError, match=f"{artifact} has no tokenizer"):
-        score(artifact, data, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+def test_an_artifact_without_a_tokenizer_is_refused_naming_the_folder(results, world):
+    one_line_error(results["artifact_no_tokenizer"], f"{world['artifact']} has no tokenizer")
+    assert not (world["root"] / "artifact-out").exists()
 
 
 def test_a_token_id_past_the_vocabulary_names_the_row(results):
