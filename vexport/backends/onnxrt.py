@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -12,6 +13,26 @@ from vexport.errors import CorruptFileError, MissingDependencyError
 
 log = logging.getLogger(__name__)
 
+GPU_INSTALL = "pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
+_RUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
+
+
+@functools.cache
+def warn_if_two_runtimes() -> None:
+    """Once per process: onnxruntime and onnxruntime-gpu both installed share one `onnxruntime` package folder,
+    so whichever was installed last wins, file by file; the result may lack the CUDA provider or not load."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    found = []
+    for name in _RUNTIME_DISTRIBUTIONS:
+        try:
+            found.append(f"{name} {distribution(name).version}")
+        except PackageNotFoundError:
+            pass
+    if len(found) > 1:
+        log.warning("both %s are installed; they conflict (one package folder, two builds). Keep one: %s",
+                    " and ".join(found), GPU_INSTALL)
+
 
 class OnnxRuntimeRunner:
     """One InferenceSession over an exported graph; logits [B, T, 1] float32 as a torch tensor."""
@@ -21,11 +42,12 @@ class OnnxRuntimeRunner:
     def __init__(self, graph: Path, device: str | None = None, threads: int | None = None):
         import onnxruntime as ort
 
+        warn_if_two_runtimes()
         self.device = torch.device(device or ("cuda" if _cuda_provider_usable() else "cpu"))
         if self.device.type == "cuda" and not _cuda_provider_usable():
             raise MissingDependencyError(
                 "device cuda needs onnxruntime-gpu with the CUDA provider and a CUDA GPU "
-                f"(providers here: {', '.join(ort.get_available_providers())}); pip install 'vexport[gpu]'"
+                f"(providers here: {', '.join(ort.get_available_providers())}); {GPU_INSTALL}"
             )
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from vexport.errors import InputError, MissingDependencyError, VexportError
+from vexport.paths import refuse_overlap
 from vexport.scoring.sink import read_errors, read_scores
 
 __all__ = ["ENGINES", "RAY_INSTALL", "read_errors", "read_scores", "score"]
@@ -32,41 +33,51 @@ def score(model: str | Path, input: str | Path, output: str | Path, *, per_token
     """Score every row of INPUT with MODEL (any artifact, or a Hugging Face value model) into OUTPUT.
 
     Returns the summary (also written to OUTPUT/summary.json). With ``resume``, windows that already have a
-    part are skipped; the input, model and output-shaping options must be those of the first run.
+    part are skipped (and when none is left, no model is loaded); the input, model (weights, config, tokenizer
+    and chat template) and output-shaping options must be those of the first run. OUTPUT may not be, hold or
+    lie inside INPUT or MODEL; ``force`` replaces only a previous score output or an empty folder. A run that
+    fails before its first part leaves OUTPUT as it was.
     """
     from vexport.scoring.inputs import index_input
     from vexport.scoring.job import describe_model, resolve_max_length, run_state, summary
     from vexport.scoring.scorer import ScorerOptions
     from vexport.scoring.sink import OutputFolder
 
-    _check_arguments(engine, batch_tokens, workers, threads, ray_address, padding_side, input, output)
+    _check_arguments(engine, batch_tokens, workers, threads, ray_address, padding_side, input, output, model)
     info = describe_model(model, allow_pickle=allow_pickle)
     options = ScorerOptions(resolve_max_length(max_length, info), batch_tokens, per_token, append_eos, padding_side,
                             fixed_batch_rows)
     plan = index_input(input, part_rows)
-    with _engine(engine, ray_address, workers, device, threads) as runner:  # joins Ray before writing anything
-        folder = OutputFolder.open(output, run_state(plan, info, options), resume=resume, force=force)
-        run = _score_pending(runner, folder, info, plan, options, strict, progress)
+    folder = OutputFolder.open(output, run_state(plan, info, options), resume=resume, force=force)
+    done = folder.done()
+    pending = [w for w in plan.windows() if w.start not in done]
+    log.info("%d of %d windows already scored in %s", len(done), len(done) + len(pending), folder.path)
+    try:
+        if pending:
+            with _engine(engine, ray_address, workers, device, threads) as runner:
+                run = _score_pending(runner, folder, info, plan, pending, options, strict, progress)
+        else:
+            run = {"engine": engine, "workers": None, "rows": 0, "tokens": 0, "seconds": 0.0}
+        folder.start()  # a run with nothing to score still leaves a complete output
+    except BaseException:
+        folder.abandon()
+        raise
     folder.rebuild_errors()
-    result = summary(plan, info, options, list(folder.parts()), run)
+    result = summary(plan, info, options, list(folder.parts()), {**run, "skipped_parts": len(done)})
     folder.write_summary(result)
     return result
 
 
-def _score_pending(runner, folder, info, plan, options, strict: bool, progress: bool) -> dict:
+def _score_pending(runner, folder, info, plan, pending, options, strict: bool, progress: bool) -> dict:
     """Score the windows that have no part yet; this run's counts and timing."""
     from vexport.scoring.commit import WindowCommitter
     from vexport.scoring.progress import score_progress
 
-    done = {p.start for p in folder.parts()}
-    pending = [w for w in plan.windows() if w.start not in done]
-    log.info("%d of %d windows already scored in %s", len(done), len(done) + len(pending), folder.path)
     start = time.perf_counter()
     with score_progress(sum(w.rows for w in pending), progress) as advance:
         commit = WindowCommitter(folder, plan, strict, advance)
         run = runner.run(info, plan, pending, options, commit)
-    return {**run, "rows": commit.rows, "tokens": commit.tokens, "seconds": time.perf_counter() - start,
-            "skipped_parts": len(done)}
+    return {**run, "rows": commit.rows, "tokens": commit.tokens, "seconds": time.perf_counter() - start}
 
 
 def _engine(engine: str, ray_address: str | None, workers: int | None, device: str | None, threads: int | None):
@@ -90,7 +101,8 @@ def require_ray() -> None:
 
 
 def _check_arguments(engine: str, batch_tokens: int, workers: int | None, threads: int | None,
-                     ray_address: str | None, padding_side: str, input: str | Path, output: str | Path) -> None:
+                     ray_address: str | None, padding_side: str, input: str | Path, output: str | Path,
+                     model: str | Path) -> None:
     if engine not in ENGINES:
         raise VexportError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if engine == "local" and (workers is not None or ray_address is not None):
@@ -104,6 +116,4 @@ def _check_arguments(engine: str, batch_tokens: int, workers: int | None, thread
             raise VexportError(f"{flag} must be at least 1, got {value}")
     if padding_side not in ("left", "right"):
         raise InputError(f"padding side must be left or right, got {padding_side!r}")
-    source, target = Path(input).expanduser().absolute(), Path(output).expanduser().absolute()
-    if source == target or (source.is_dir() and source in target.parents):
-        raise VexportError(f"--output {target} is inside --input {source}: its parts would be read as input")
+    refuse_overlap(Path(output).expanduser(), [Path(input).expanduser(), Path(model).expanduser()], flag="--output")

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from vexport.errors import VexportError
 from vexport.scoring.inputs import InputPlan, Window
+from vexport.scoring.scorer import OUTSIDE_VOCABULARY
 from vexport.scoring.sink import OutputFolder
 
 
@@ -17,12 +18,22 @@ class WindowCommitter:
         self.rows = self.tokens = 0
 
     def __call__(self, window: Window, table) -> None:
+        self._check_vocabulary(window, table)
         if self.strict:
             self._check_strict(window, table)
         info = self.folder.commit(window.start, window.stop, table)
         self.rows += window.rows
         self.tokens += info.tokens
         self.advance(window.rows, info.tokens)
+
+    def _check_vocabulary(self, window: Window, table) -> None:
+        """A token id the model has no embedding for: the tokenizer does not fit the model, so the run stops
+        (exit code 2) at the first such row, named by its file and line, whatever --strict says."""
+        errors = [(r, e) for r, e in zip(table["row"].to_pylist(), table["error"].to_pylist())
+                  if e is not None and OUTSIDE_VOCABULARY in e]
+        if errors:
+            row, reason = min(errors)
+            raise VexportError(f"{where(self.plan, window, row)}: {reason}")
 
     def _check_strict(self, window: Window, table) -> None:
         """--strict: the window's first rejected row stops the run (exit code 2), naming its file and line."""

@@ -5,6 +5,10 @@ counted on across the files of a folder in name order. The input is cut into win
 (never across files); a window is the unit of work, of output (one Parquet part) and of resume. Reading
 yields each row as raw bytes: a JSONL line as it is, a Parquet row as a JSON object of the columns that
 matter. Nothing is parsed or validated here (see rows.py), so both engines see exactly the same bytes.
+
+Parquet text columns may be strings or binary: binary values are taken as UTF-8, byte for byte (a value that is
+not valid UTF-8 makes its row's bytes invalid UTF-8 too, so rows.py rejects that row), never as a Python repr.
+The id column is int64 for integer ids, uint64 for a uint64 Parquet column, else string (see rows.check_id).
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ class InputPlan:
     files: tuple[InputFile, ...]
     part_rows: int
     sha256: str
-    id_kind: str | None  # "int" | "str" | None (no id column)
+    id_kind: str | None  # "int" | "uint" (a uint64 Parquet id column) | "str" | None (no id column)
 
     @property
     def total_rows(self) -> int:
@@ -147,13 +151,27 @@ def _parquet_rows(path: Path, digest) -> int:
         metadata = pq.ParquetFile(path).metadata
     except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
         raise VexportError(f"--input {path}: not a readable Parquet file ({' '.join(str(exc).split())})") from None
-    names = set(metadata.schema.to_arrow_schema().names)
-    if not names & set(ROW_FIELDS):
+    schema = metadata.schema.to_arrow_schema()
+    if not set(schema.names) & set(ROW_FIELDS):
         raise VexportError(f"--input {path}: no 'text', 'prompt'/'response' or 'messages' column")
+    for name in ("text", "prompt", "response"):
+        if name in schema.names and not _text_type(schema.field(name).type):
+            raise VexportError(f"--input {path}: column {name!r} has type {schema.field(name).type}; "
+                               "expected strings (or UTF-8 binary)")
     with open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
     return metadata.num_rows
+
+
+def _text_type(kind) -> bool:
+    """A column type whose values are text: strings, binary (decoded as UTF-8), all-null; dictionary-encoded too."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return (pa.types.is_null(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or pa.types.is_binary(kind) or pa.types.is_large_binary(kind))
 
 
 def _id_kind(files: Sequence[InputFile]) -> str | None:
@@ -173,6 +191,8 @@ def _parquet_id_kind(path: Path) -> str | None:
     if ID_FIELD not in schema.names:
         return None
     kind = schema.field(ID_FIELD).type
+    if pa.types.is_uint64(kind):
+        return "uint"  # ids up to 2**64 - 1: an int64 column could not hold them
     if pa.types.is_integer(kind):
         return "int"
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
@@ -257,5 +277,13 @@ def _parquet_rows_from(path: Path, start: int) -> Iterator[bytes]:
     batches = parquet.iter_batches(batch_size=4096, row_groups=range(first, parquet.num_row_groups), columns=columns)
     for batch in batches:
         for record in batch.slice(min(skip, batch.num_rows)).to_pylist():
-            yield json.dumps(record, ensure_ascii=False, default=str).encode()
+            yield json.dumps(record, ensure_ascii=False, default=_as_text).encode("utf-8", "surrogateescape")
         skip = max(0, skip - batch.num_rows)
+
+
+def _as_text(value) -> str:
+    """A binary value as the UTF-8 text it holds; bytes that are not UTF-8 stay those bytes in the row (see
+    the module docstring). Anything else JSON cannot hold (a date in a messages struct) as its str()."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    return str(value)

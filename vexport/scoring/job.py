@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,8 @@ from vexport.scoring.inputs import InputPlan
 from vexport.scoring.scorer import ScorerOptions
 
 log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class ModelInfo:
     sha256: str  # over the weight (or artifact file) hashes: the identity resume compares
     max_positions: int | None
     summary: dict  # the artifact's manifest, or the source model id and its weight hashes
+    files: dict = field(default_factory=dict)  # sha256 of the config, tokenizer and chat template files (resume)
 
 
 def describe_model(model: str | Path, allow_pickle: bool = False) -> ModelInfo:
@@ -36,19 +39,54 @@ def describe_model(model: str | Path, allow_pickle: bool = False) -> ModelInfo:
 
         manifest = read_manifest(path)
         check_files(path, manifest)
+        require_tokenizer(path)
         files = {name: entry.get("sha256") for name, entry in sorted(manifest.files.items())}
         return ModelInfo(str(path.absolute()), manifest.format, _sha256({"format": manifest.format, "files": files}),
                          manifest.model.get("max_position_embeddings"),
-                         {"artifact": str(path.absolute()), "manifest": manifest.to_dict()})
+                         {"artifact": str(path.absolute()), "manifest": manifest.to_dict()}, support_files(path))
     from vexport.export.common import source_summary
     from vexport.model import open_model
 
     source = open_model(model, allow_pickle=allow_pickle)
+    require_tokenizer(source.path)
     summary = source_summary(source)
     name = str(path.absolute()) if path.is_dir() else str(model)
     weights = {k: v["sha256"] for k, v in sorted(summary["weights"].items())}
     return ModelInfo(name, "torch", _sha256(weights), getattr(source.config, "max_position_embeddings", None),
-                     {"source": summary})
+                     {"source": summary}, support_files(source.path))
+
+
+def require_tokenizer(folder: Path) -> None:
+    """Scoring tokenizes every row with the model's own tokenizer: the folder must hold one."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise VexportError(f"{folder.absolute()} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): "
+                           "score tokenizes rows with the model's own tokenizer; copy its tokenizer files there")
+
+
+def support_files(folder: Path) -> dict[str, str]:
+    """sha256 of each config, tokenizer and chat template file in FOLDER, and of the chat template itself:
+    what --resume compares besides the weights, so that one output never mixes two tokenisations."""
+    from vexport.export.common import SUPPORT_FILES
+
+    files = {}
+    for name in SUPPORT_FILES:
+        if (folder / name).is_file():
+            files[name] = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    template = _chat_template(folder)
+    if template is not None:
+        files["chat template"] = hashlib.sha256(template.encode("utf-8", "surrogatepass")).hexdigest()
+    return files
+
+
+def _chat_template(folder: Path) -> str | None:
+    """The chat template as the tokenizer reads it: chat_template.jinja, else tokenizer_config.json's entry."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8", errors="surrogateescape")
+    try:
+        template = json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return template if template is None or isinstance(template, str) else json.dumps(template, sort_keys=True)
 
 
 def resolve_max_length(max_length: int | None, info: ModelInfo) -> int:
@@ -73,7 +111,7 @@ def run_state(plan: InputPlan, info: ModelInfo, options: ScorerOptions) -> dict:
         "version": 1,
         "input": {"sha256": plan.sha256, "path": str(plan.root), "rows": plan.total_rows,
                   "files": len(plan.files), "id": plan.id_kind},
-        "model": {"sha256": info.sha256, "model": info.name, "format": info.format},
+        "model": {"sha256": info.sha256, "model": info.name, "format": info.format, "files": info.files},
         "options": {**kept, "sha256": _sha256(kept)},
     }
 
@@ -96,7 +134,8 @@ def summary(plan: InputPlan, info: ModelInfo, options: ScorerOptions, parts: lis
         "engine": run["engine"], "workers": run["workers"], "threads": run.get("threads"),
         "device": run.get("device"), "ray_address": run.get("ray_address"),
         "options": {**asdict(options), "part_rows": plan.part_rows},
-        "model": {"name": info.name, "format": info.format, "sha256": info.sha256, **info.summary},
+        "model": {"name": info.name, "format": info.format, "sha256": info.sha256, "files": info.files,
+                  **info.summary},
         "versions": library_versions(), "created": now_iso(),
     }
 

@@ -17,6 +17,8 @@ import functools
 import inspect
 import logging
 import os
+import re
+import socket
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -35,6 +37,10 @@ from vexport.scoring.rows import line_limit
 from vexport.scoring.scorer import ScorerOptions, WindowScorer
 
 log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 10.0  # for the TCP check of --ray-address before ray.init
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAISED = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)): (\S.*)$")
 
 
 class RayEngine:
@@ -95,10 +101,16 @@ class RayEngine:
 
 
 def connect(address: str | None) -> bool:
-    """ray.init unless this process is already connected; True when this call connected (and must shut down)."""
+    """ray.init unless this process is already connected; True when this call connected (and must shut down).
+
+    A HOST:PORT (or ray://HOST:PORT) address is tried with a plain TCP connection first, bounded by
+    CONNECT_TIMEOUT_S: ray.init itself retries an address where nothing answers for minutes."""
     if ray.is_initialized():
         return False
+    flag = "--ray-address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS") or "local"
+    if address not in ("local", "auto"):
+        _check_reachable(address, flag)
     kwargs = {"include_dashboard": False} if address == "local" else {}
     try:
         ray.init(address=address, logging_level=logging.WARNING, **kwargs)
@@ -106,6 +118,19 @@ def connect(address: str | None) -> bool:
         raise VexportError(f"--ray-address {address}: cannot join the Ray cluster ({' '.join(str(exc).split())})") \
             from None
     return True
+
+
+def _check_reachable(address: str, flag: str) -> None:
+    """Something must accept a TCP connection at ADDRESS's host and port (when it names a port)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # no port to try: ray.init reads the address its own way
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise VexportError(f"{flag} {address}: cannot reach the Ray cluster ({reason}, within {CONNECT_TIMEOUT_S:g} "
+                           "s); is a Ray head running there (ray start --head)?") from None
 
 
 @contextlib.contextmanager
@@ -149,7 +174,11 @@ def _zero_cpu_reads() -> dict:
 
 
 def _as_vexport_error(exc: Exception) -> Exception:
-    """A VexportError raised in a worker, or one line for an actor that died starting; else EXC itself."""
+    """A VexportError raised in a worker, or one line for an actor that died starting; else EXC itself.
+
+    An actor that fails in its constructor reaches the driver as an ActorDiedError (caused by Ray Data's empty
+    SystemException) whose text is the worker's traceback: its last "module.Error: message" line is the cause.
+    """
     chain, seen = [], set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -158,10 +187,26 @@ def _as_vexport_error(exc: Exception) -> Exception:
     for link in chain:
         if isinstance(link, VexportError):
             return VexportError(str(link))
-    if isinstance(chain[0], ray.exceptions.RayActorError):
-        lines = [line.strip() for line in str(chain[-1]).splitlines() if line.strip()]
-        return VexportError(f"a Ray worker could not start: {lines[-1] if lines else type(chain[-1]).__name__}")
+    died = next((link for link in chain if isinstance(link, ray.exceptions.RayActorError)), None)
+    for link in chain:
+        raised = worker_exception(str(link))
+        if raised and raised[0].startswith("vexport.errors."):
+            return VexportError(raised[1])
+        if raised and died is not None:
+            return VexportError(f"a Ray worker could not start: {raised[0].rpartition('.')[2]}: {raised[1]}")
+    if died is not None:
+        lines = [line.strip() for line in _ANSI.sub("", str(died)).splitlines() if line.strip()]
+        return VexportError(f"a Ray worker could not start: {lines[0][:300] if lines else type(died).__name__}")
     return chain[0]
+
+
+def worker_exception(text: str) -> tuple[str, str] | None:
+    """(qualified name, message) of the last exception line ("pkg.mod.SomeError: message") in a traceback text."""
+    for line in reversed(_ANSI.sub("", text).splitlines()):
+        match = _RAISED.match(line.strip())
+        if match:
+            return match.group(1), match.group(2)
+    return None
 
 
 class WindowDatasource(Datasource):

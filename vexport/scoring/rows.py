@@ -125,14 +125,25 @@ def parse_line(line: bytes | None, limit: int, max_length: int) -> dict:
     return record
 
 
+ID_RANGES = {"int": (-(1 << 63), 1 << 63), "uint": (0, 1 << 64)}  # [low, high) the id column's type holds
+
+
 def check_id(value: Any, kind: str | None) -> int | str | None:
-    """The row's id, which must have the type of the input's id column (None when absent)."""
+    """The row's id, which must have the type of the input's id column (None when absent). Integer ids must fit
+    that column: int64, or uint64 for a uint64 Parquet column; a JSONL id of 2**63 or more is rejected (give
+    such ids as strings)."""
     if value is None:
         return None
     if kind is None:
         raise RowRejected("has an 'id' but the first rows of the input have none: give every row an id or none")
-    if kind == "int" and (not isinstance(value, int) or isinstance(value, bool)):
-        raise RowRejected(f"id {value!r} is not an integer like the ids of the first rows")
+    if kind in ID_RANGES:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise RowRejected(f"id {value!r} is not an integer like the ids of the first rows")
+        low, high = ID_RANGES[kind]
+        if not low <= value < high:
+            bits = "64-bit signed" if kind == "int" else "64-bit unsigned"
+            shown = str(value) if len(str(value)) <= 30 else f"{str(value)[:20]}... ({len(str(value))} digits)"
+            raise RowRejected(f"id {shown} does not fit the id column ({bits} integers): give such ids as strings")
     if kind == "str" and not isinstance(value, str):
         raise RowRejected(f"id {value!r} is not a string like the ids of the first rows")
     if kind == "str":

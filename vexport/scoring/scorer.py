@@ -4,6 +4,10 @@ The window table has every input row of the window, in row order: scored rows wi
 (and ``values`` with per-token output), rejected rows with ``error``; ``slots`` is the padded width of the
 batch a scored row ran in, from which the padding fraction follows. The sink splits the table into the part
 file and errors.jsonl; both engines produce it with this same code.
+
+A row whose values are not all finite (NaN or inf: broken weights, an overflow) is rejected with
+NON_FINITE, never written as a score. A row whose token ids fall outside the model's vocabulary is rejected with
+a reason containing OUTSIDE_VOCABULARY, which stops the run (commit.py): the tokenizer does not fit the model.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from vexport.scoring.rows import EncodedRow, RowEncoder
 
 MIN_LENGTH_RATIO = 0.75  # a batch holds rows at least 3/4 as long as its longest: padding under 25% ...
 MIN_BATCH_FRACTION = 1 / 16  # ... once it holds this much of the token budget (512 tokens of the default 8192)
+NON_FINITE = "non-finite value (NaN or inf)"
+OUTSIDE_VOCABULARY = "outside the model's vocabulary"
+ID_TYPES = {"int": "int64", "uint": "uint64", "str": "string"}  # the id column's Arrow type per InputPlan.id_kind
 
 
 @dataclass(frozen=True)
@@ -65,7 +72,7 @@ def window_schema(id_kind: str | None, per_token: bool):
 
     fields = [pa.field("row", pa.int64(), nullable=False)]
     if id_kind:
-        fields.append(pa.field("id", pa.int64() if id_kind == "int" else pa.string()))
+        fields.append(pa.field("id", pa.type_for_alias(ID_TYPES[id_kind])))
     fields += [pa.field("value", pa.float32()), pa.field("num_tokens", pa.int32())]
     if per_token:
         fields.append(pa.field("values", pa.list_(pa.float32())))
@@ -76,17 +83,38 @@ class WindowScorer:
     """A loaded ValueModel plus the options: ``scorer(start, lines)`` gives the window table."""
 
     def __init__(self, model: Any, options: ScorerOptions, id_kind: str | None = None):
-        tokenizer = model.tokenizer
+        try:
+            tokenizer = model.tokenizer
+        except Exception as exc:  # transformers raises several types for missing or broken tokenizer files
+            raise VexportError(f"{model.path}: its tokenizer does not load ({type(exc).__name__}: "
+                               f"{' '.join(str(exc).split())[:200]})") from None
         self.model, self.options, self.id_kind = model, options, id_kind
+        self.vocab_size = getattr(model.config, "vocab_size", None)
         self.encoder = RowEncoder(tokenizer, options.max_length, options.append_eos, id_kind)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = pad if pad is not None else 0  # the mask decides what is padding, never the pad id
 
     def __call__(self, start: int, lines: Sequence[bytes | None]):
-        rows = self.encoder.encode(lines)
+        rows = [self._in_vocabulary(r) for r in self.encoder.encode(lines)]
         scored = [i for i, r in enumerate(rows) if isinstance(r, EncodedRow)]
         values, slots = self.values([rows[i].ids for i in scored])
-        return self._table(start, rows, dict(zip(scored, zip(values, slots))))
+        results = {}
+        for i, row_values, width in zip(scored, values, slots):
+            if np.isfinite(row_values).all():
+                results[i] = (row_values, width)
+            else:
+                rows[i] = NON_FINITE
+        return self._table(start, rows, results)
+
+    def _in_vocabulary(self, row: EncodedRow | str) -> EncodedRow | str:
+        if not isinstance(row, EncodedRow) or not self.vocab_size:
+            return row
+        low, high = min(row.ids), max(row.ids)
+        if low < 0 or high >= self.vocab_size:
+            bad = low if low < 0 else high
+            return (f"token id {bad} is {OUTSIDE_VOCABULARY} [0, {self.vocab_size}): the tokenizer in "
+                    f"{self.model.path} does not fit the model's weights")
+        return row
 
     @torch.inference_mode()
     def values(self, sequences: Sequence[Sequence[int]]) -> tuple[list[np.ndarray], list[int]]:
