@@ -99,6 +99,9 @@ def export(
 
     --format tensorrt takes a value model, a GPTQ folder (--int4) or a TensorRT-bound ONNX folder.
     """
+    from vexport.model import check_model_name
+
+    check_model_name(model)  # a mistyped path fails before torch and transformers are imported
     if format is Format.tensorrt:
         from vexport.export.tensorrt import ShapeProfile, build_engine, parse_shape
 

@@ -81,11 +81,22 @@ def resolve(model: str | os.PathLike) -> Path:
             raise VexportError(f"{model} is a file, not a model folder")
         return path
     text = str(model)
-    if not looks_like_hub_id(text):
-        raise VexportError(f"no such folder: {model} (it does not exist, and it is not a hub id org/name)")
-    if _offline():
-        raise VexportError(f"no such folder: {model} (it does not exist, and HF_HUB_OFFLINE is set: no hub lookup)")
+    _refuse_unless_hub_id(text)
     return _download(text)
+
+
+def check_model_name(model: str | os.PathLike) -> None:
+    """Refuse at once (before any heavy import) a MODEL that is no folder here and that resolve() would not look
+    up on the hub; nothing is downloaded."""
+    if not Path(model).expanduser().exists():
+        _refuse_unless_hub_id(str(model))
+
+
+def _refuse_unless_hub_id(text: str) -> None:
+    if not looks_like_hub_id(text):
+        raise VexportError(f"no such folder: {text} (it does not exist, and it is not a hub id org/name)")
+    if _offline():
+        raise VexportError(f"no such folder: {text} (it does not exist, and HF_HUB_OFFLINE is set: no hub lookup)")
 
 
 def looks_like_hub_id(text: str) -> bool:

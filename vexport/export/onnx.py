@@ -104,8 +104,8 @@ class FiniteCheck:
     def report(self) -> None:
         if self.bad:
             more = f" (and {len(self.bad) - 1} more tensors)" if len(self.bad) > 1 else ""
-            log.warning("%s: tensor %s holds NaN or infinite values%s: the export's values will be non-finite "
-                        "(--strict refuses such weights)", self.folder, self.bad[0], more)
+            log.warning("%s: tensor %s holds NaN or infinite values%s; exported as is (--strict refuses)",
+                        self.folder, self.bad[0], more)
 
 
 def _io_spec() -> tuple[list[dict], list[dict]]:
