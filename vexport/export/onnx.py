@@ -65,8 +65,10 @@ def export_onnx(model: str | os.PathLike, output: str | os.PathLike, dtype: str 
         add_contrib_opset(graph)
         precision, options = "int4", {**options, **int4.format_options(dtype)}
     # --- end int4 ---
+    finite = FiniteCheck(_tensor_reader(source), source.path, strict)
+    if strict and not source.pickle:  # refused before anything is written
+        finite.scan(sorted(source.tensors), dtype)
     with staging_dir(output, force) as tmp:
-        finite = FiniteCheck(_tensor_reader(source), source.path, strict)
         _write_weights(graph, weights, finite, tmp / DATA_FILE, dtype, progress, finite.written)
         onnx.save_model(graph, tmp / GRAPH_FILE)
         onnx.checker.check_model(str(tmp / GRAPH_FILE))
@@ -83,7 +85,7 @@ class FiniteCheck:
 
     def __init__(self, read: Callable[[str], torch.Tensor], folder: Path, strict: bool):
         self.read, self.folder, self.strict = read, folder, strict
-        self.bad: list[str] = []
+        self.bad: list[tuple[str, str]] = []  # (tensor, what is wrong with it)
 
     def __call__(self, name: str) -> torch.Tensor:
         tensor = self.read(name)
@@ -91,21 +93,28 @@ class FiniteCheck:
             self._found(name)
         return tensor
 
+    def scan(self, names: list[str], dtype: str) -> None:
+        """Read every tensor in NAMES and check it, and that its cast to DTYPE stays finite."""
+        limit = torch.finfo(_TORCH_DTYPE[dtype]).max
+        for name in names:
+            tensor = self(name)
+            if tensor.is_floating_point() and tensor.numel() and float(tensor.abs().max()) > limit:
+                self._found(name, f"has values beyond the {dtype} range (infinite once cast)")
+
     def written(self, spec: WeightSpec, array: np.ndarray) -> None:
         if array.dtype.kind == "f" and not bool(np.isfinite(array).all()):
-            self._found(f"{spec.source} (as written in {array.dtype})")
+            self._found(spec.source, f"holds NaN or infinite values as written in {array.dtype}")
 
-    def _found(self, name: str) -> None:
+    def _found(self, name: str, why: str = "holds NaN or infinite values") -> None:
         if self.strict:
-            raise VexportError(f"{self.folder}: tensor {name} holds NaN or infinite values (refused under --strict)")
-        if name not in self.bad:
-            self.bad.append(name)
+            raise VexportError(f"{self.folder}: tensor {name} {why} (refused under --strict)")
+        if name not in [bad for bad, _ in self.bad]:
+            self.bad.append((name, why))
 
     def report(self) -> None:
         if self.bad:
             more = f" (and {len(self.bad) - 1} more tensors)" if len(self.bad) > 1 else ""
-            log.warning("%s: tensor %s holds NaN or infinite values%s; exported as is (--strict refuses)",
-                        self.folder, self.bad[0], more)
+            log.warning("%s: tensor %s %s%s; exported as is (--strict refuses)", self.folder, *self.bad[0], more)
 
 
 def _io_spec() -> tuple[list[dict], list[dict]]:
