@@ -34,24 +34,34 @@ def head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def linear_biases(config: Any) -> tuple[bool, bool]:
+    """(attention Linears have a bias, MLP Linears have a bias). Mistral's Linears never do, whatever its config
+    says; Llama's follow ``attention_bias`` and ``mlp_bias``."""
+    if config.model_type == "mistral":
+        return False, False
+    return bool(getattr(config, "attention_bias", False)), bool(getattr(config, "mlp_bias", False))
+
+
 def linear_shapes(config: Any) -> dict[str, tuple[int, int, bool]]:
     """Per decoder Linear (name inside a layer): (out_features, in_features, has bias)."""
     hidden, inter, d = config.hidden_size, config.intermediate_size, head_dim(config)
     heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    attn_bias, mlp_bias = bool(getattr(config, "attention_bias", False)), bool(getattr(config, "mlp_bias", False))
+    attn_bias, mlp_bias = linear_biases(config)
     return {"self_attn.q_proj": (heads * d, hidden, attn_bias), "self_attn.k_proj": (kv * d, hidden, attn_bias),
             "self_attn.v_proj": (kv * d, hidden, attn_bias), "self_attn.o_proj": (hidden, heads * d, attn_bias),
             "mlp.gate_proj": (inter, hidden, mlp_bias), "mlp.up_proj": (inter, hidden, mlp_bias),
             "mlp.down_proj": (hidden, inter, mlp_bias)}
 
 
-def expected_tensors(config: Any, gptq_group_size: int | None = None) -> dict[str, Shape | None]:
+def expected_tensors(config: Any, gptq_group_size: int | None = None,
+                     layers: int | None = None) -> dict[str, Shape | None]:
     """Every tensor name the model reads, in load order, with its shape (None: a shape the config does not fix).
 
-    ``gptq_group_size`` (an int, -1 for one group) switches the decoder Linears to GPTQ v1 tensors."""
+    ``gptq_group_size`` (an int, -1 for one group) switches the decoder Linears to GPTQ v1 tensors; ``layers``
+    (default num_hidden_layers) limits the decoder layers listed."""
     hidden = config.hidden_size
     out: dict[str, Shape | None] = {"model.embed_tokens.weight": (config.vocab_size, hidden)}
-    for i in range(config.num_hidden_layers):
+    for i in range(config.num_hidden_layers if layers is None else layers):
         prefix = f"model.layers.{i}"
         out[f"{prefix}.input_layernorm.weight"] = (hidden,)
         out[f"{prefix}.post_attention_layernorm.weight"] = (hidden,)
@@ -75,12 +85,13 @@ def _linear(prefix: str, rows: int, cols: int, group_size: int | None) -> dict[s
 
 def check_tensors(path: Path, config: Any, tensors: TensorIndex, gptq_group_size: int | None = None) -> None:
     """Every tensor the config implies must be present with its shape; unused tensors are logged."""
-    expected = expected_tensors(config, gptq_group_size)
+    # a layer has at least 9 tensors: past len(tensors) layers one is surely missing (and num_hidden_layers
+    # 2**31 lists no 2**31 layers)
+    expected = expected_tensors(config, gptq_group_size, min(config.num_hidden_layers, len(tensors) + 1))
     missing = [name for name in expected if name not in tensors and name not in OPTIONAL]
     if missing:
         shape = expected[missing[0]]
-        more = f" ({len(missing)} of the {len(expected)} tensors config.json implies are missing)" \
-            if len(missing) > 1 else ""
+        more = f" ({len(missing)} tensors config.json implies are missing)" if len(missing) > 1 else ""
         raise WeightMismatchError(
             f"{path}: the weights have no tensor {missing[0]}{_shape_note(shape)}, which config.json implies "
             f"(num_hidden_layers {config.num_hidden_layers}){more}")

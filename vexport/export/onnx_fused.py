@@ -27,6 +27,7 @@ from onnx import TensorProto, helper
 from vexport.export.onnx_graph import OUTPUT_NAME, GraphBuilder, WeightSpec, make_model, rms_norm, rotary_tables
 from vexport.export.onnx_int4 import CONTRIB_DOMAIN, add_contrib_opset
 from vexport.model import attention_window
+from vexport.tensors import linear_biases
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def _decoder_layer(b: GraphBuilder, config, i: int, normed: str, hidden: str, at
                    fused: FusedLinear) -> tuple[str, str]:
     """One layer from its normalized input; returns the next normalized input and the residual stream."""
     prefix, eps = f"model.layers.{i}", config.rms_norm_eps
-    qkv_bias, mlp_bias = bool(getattr(config, "attention_bias", False)), bool(getattr(config, "mlp_bias", False))
+    qkv_bias, mlp_bias = linear_biases(config)
     qkv = fused(b, normed, [f"{prefix}.self_attn.{p}_proj" for p in "qkv"], f"l{i}_qkv", qkv_bias)
     attn = _gqa(b, config, qkv, attention, i)
     out = fused(b, attn, [f"{prefix}.self_attn.o_proj"], f"l{i}_o", qkv_bias)

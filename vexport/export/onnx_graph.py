@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from vexport.errors import NotAValueModelError
 from vexport.model import attention_window, rope_parameters, rope_type
+from vexport.tensors import linear_biases
 
 OPSET = 17
 INPUT_NAMES = ("input_ids", "attention_mask")
@@ -201,7 +202,7 @@ def _decoder_layer(b: GraphBuilder, config, i: int, hidden: str, cos: str, sin: 
 
 
 def _mlp(b: GraphBuilder, config, i: int, x: str) -> str:
-    prefix, bias = f"model.layers.{i}.mlp", bool(getattr(config, "mlp_bias", False))
+    prefix, bias = f"model.layers.{i}.mlp", linear_biases(config)[1]
     gate = b.linear(b, x, f"{prefix}.gate_proj", f"l{i}_gate", bias)
     up = b.linear(b, x, f"{prefix}.up_proj", f"l{i}_up", bias)
     act = b.op("Mul", gate, b.op("Sigmoid", gate))
@@ -235,7 +236,7 @@ def _repeat_kv(b: GraphBuilder, x: str, heads: int, kv_heads: int, head_dim: int
 def _attention(b: GraphBuilder, config, i: int, x: str, cos: str, sin: str, bias: str) -> str:
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    prefix, qkv_bias = f"model.layers.{i}.self_attn", bool(getattr(config, "attention_bias", False))
+    prefix, qkv_bias = f"model.layers.{i}.self_attn", linear_biases(config)[0]
     q = _heads(b, b.linear(b, x, f"{prefix}.q_proj", f"l{i}_q", qkv_bias), heads, head_dim, f"l{i}_q")
     k = _heads(b, b.linear(b, x, f"{prefix}.k_proj", f"l{i}_k", qkv_bias), kv_heads, head_dim, f"l{i}_k")
     v = _heads(b, b.linear(b, x, f"{prefix}.v_proj", f"l{i}_v", qkv_bias), kv_heads, head_dim, f"l{i}_v")
