@@ -199,13 +199,18 @@ def test_unknown_rope_type_is_one_line_naming_it(tiny_model_dir, tmp_path):
     open_refused(folder, "rope_type 'spiral'", "config.json")
 
 
-def _mistral(tmp_path: Path, window: int | None, max_positions: int = 512) -> Path:
-    """The tiny value model as Mistral with a sliding window (same weights; transformers applies the window)."""
+@pytest.fixture(scope="module")
+def mistral_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A tiny Mistral value model with a sliding window of 200 (longer than every built-in sample)."""
+    return _mistral(tiny_model_dir, tmp_path_factory.mktemp("mistral"), window=200)
+
+
+def _mistral(folder: Path, tmp_path: Path, window: int | None) -> Path:
+    """FOLDER's tiny value model as Mistral with a sliding window (transformers applies the window)."""
     from transformers import AutoConfig, MistralConfig, MistralForTokenClassification
 
-    from vexport.tiny import init_value_weights, make_tiny_value_model
+    from vexport.tiny import init_value_weights
 
-    folder = make_tiny_value_model(tmp_path / "llama", seed=3, max_position_embeddings=max_positions)
     llama = AutoConfig.from_pretrained(folder).to_dict()
     for key in ("model_type", "architectures", "transformers_version"):
         llama.pop(key, None)
@@ -238,10 +243,11 @@ def _values_match_transformers(model_dir: Path, artifact: Path, length: int) -> 
     np.testing.assert_allclose(got.numpy(), (want * mask).numpy(), atol=2e-4, rtol=1e-4)
 
 
-def test_sliding_window_is_exported_and_matches_transformers(tmp_path):
+def test_sliding_window_is_exported_and_matches_transformers(mistral_dir, tmp_path):
     from vexport.export.onnx import export_onnx
 
-    model_dir = _mistral(tmp_path, window=16)
+    model_dir = copy_model(mistral_dir, tmp_path / "mistral")
+    edit_config(model_dir, sliding_window=16)
     for optimize in (True, False):
         artifact = export_onnx(model_dir, tmp_path / f"onnx-{optimize}", optimize=optimize)
         _values_match_transformers(model_dir, artifact, length=60)  # well past the window
@@ -295,13 +301,13 @@ def test_long_context_samples_cross_every_threshold(tiny_model_dir, extra, thres
     assert long.group > max(s.group for s in samples)  # a group of its own: no ranking against the others
 
 
-def test_check_crosses_the_sliding_window(tmp_path):
+def test_check_crosses_the_sliding_window(mistral_dir, tmp_path):
     """An export that ignores a window longer than every built-in sample passes on them; check adds a
     sample past the window, and there it fails."""
     import vexport
     from vexport.export.onnx import export_onnx
 
-    model_dir = _mistral(tmp_path, window=200)
+    model_dir = mistral_dir
     wrong = copy_model(model_dir, tmp_path / "no-window")
     edit_config(wrong, sliding_window=None)
     artifact = export_onnx(wrong, tmp_path / "onnx", optimize=False)
