@@ -319,18 +319,31 @@ def test_check_crosses_the_sliding_window(mistral_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ non-finite weights
-def test_non_finite_weights_warn_and_strict_refuses(tiny_model_dir, tmp_path):
+def test_non_finite_weights_warn_and_strict_refuses(tiny_model_dir, tmp_path, caplog):
+    from vexport.export.onnx import export_onnx
+
     folder = copy_model(tiny_model_dir, tmp_path / "model")
     name = "model.layers.0.mlp.gate_proj.weight"
     rewrite(folder, lambda t: t[name].__setitem__((0, 0), float("nan")))
     out = tmp_path / "strict"
     refused("export", folder, "--output", out, "--strict", needle=name)
     assert not out.exists() and leftovers(tmp_path) == []
-    result = run_cli("export", folder, "--output", tmp_path / "onnx")
-    assert result.returncode == 0, result.stderr
-    lines = [line for line in result.stderr.splitlines() if "NaN" in line or "WARNING" in line]
-    assert len(lines) == 1 and "WARNING" in lines[0] and name in lines[0], result.stderr  # progress bars aside
-    assert "Traceback" not in result.stderr
+    with caplog.at_level(logging.WARNING):  # without --strict: written, with one warning naming the tensor
+        artifact = export_onnx(folder, tmp_path / "onnx", optimize=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and name in warnings[0] and "NaN" in warnings[0], warnings
+    assert (artifact / "manifest.json").is_file()
+
+
+def test_float16_overflow_is_named_under_strict(tiny_model_dir, tmp_path):
+    from vexport.export.onnx import export_onnx
+
+    folder = copy_model(tiny_model_dir, tmp_path / "model")
+    name = "model.layers.1.self_attn.v_proj.weight"
+    rewrite(folder, lambda t: t[name].__setitem__((3, 3), 1e6))  # finite in float32, inf in float16
+    with pytest.raises(VexportError, match=name.replace(".", r"\.") + ".*float16"):
+        export_onnx(folder, tmp_path / "onnx", dtype="float16", strict=True)
+    assert not (tmp_path / "onnx").exists()
 
 
 def test_gptq_names_the_non_finite_tensor(tiny_model_dir, tmp_path):
