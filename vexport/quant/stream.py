@@ -73,12 +73,16 @@ def finite_tensor(source: ModelSource, name: str) -> torch.Tensor:
 
 
 def load_layer(source: ModelSource, index: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """One LlamaDecoderLayer with its checkpoint weights, built without a random initialisation."""
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    """One decoder layer (Llama's, or Mistral's: its config has no attention_bias) with its checkpoint weights,
+    built without a random initialisation."""
+    if source.config.model_type == "mistral":
+        from transformers.models.mistral.modeling_mistral import MistralDecoderLayer as DecoderLayer
+    else:
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer as DecoderLayer
 
     prefix = f"model.layers.{index}."
     with torch.device("meta"):
-        layer = LlamaDecoderLayer(source.config, index)
+        layer = DecoderLayer(source.config, index)
     state = {name[len(prefix):]: finite_tensor(source, name).to(dtype) for name in source.tensors
              if name.startswith(prefix)}
     layer.load_state_dict(state, strict=True, assign=True)
