@@ -26,7 +26,8 @@ import torch
 from vexport import __version__
 from vexport.batching import pad_batch, token_budget_batches, unpad
 from vexport.errors import InputError, VexportError
-from vexport.evalset import EncodedSample, builtin_prompt_groups, encode_groups, read_prompt_groups
+from vexport.evalset import (EncodedSample, builtin_prompt_groups, encode_groups, long_context_samples,
+                             read_prompt_groups)
 from vexport.manifest import MANIFEST_NAME, library_versions, now_iso, read_manifest
 from vexport.parity import ParityResult, compare, thresholds_for, worst_sequences
 from vexport.progress import progress_bar
@@ -127,6 +128,8 @@ def check_many(artifacts: Sequence[str | os.PathLike], reference: str | os.PathL
     torch.manual_seed(seed)
     groups, evalset = (read_prompt_groups(prompts), str(prompts)) if prompts else (builtin_prompt_groups(), "builtin")
     samples = _encode_all(artifacts, groups, allow_pickle, verify_hashes, progress)
+    if not prompts:  # the built-in set also crosses the model's sliding window and rope thresholds (evalset.py)
+        samples = samples + long_context_samples(samples, _config_of(reference))
     batches = token_budget_batches([len(s.input_ids) for s in samples], batch_tokens)
     ref, ref_load = _timed(lambda: load(reference, device=device, allow_pickle=allow_pickle))
     ref_scored = score(ref, samples, batches, _pad_id(ref), progress, "reference")
@@ -250,6 +253,12 @@ def _tokenizer_of(artifact: str | os.PathLike, allow_pickle: bool, verify_hashes
     except Exception as exc:  # transformers raises many types for a broken tokenizer
         raise VexportError(f"{path}: its tokenizer cannot be loaded ({type(exc).__name__})") from None
     return tokenizer, getattr(config, "max_position_embeddings", None)
+
+
+def _config_of(model: str | os.PathLike) -> Any:
+    from vexport.model import load_config, resolve
+
+    return load_config(resolve(model))
 
 
 def artifact_labels(artifacts: Sequence[str | os.PathLike]) -> list[str]:

@@ -137,11 +137,15 @@ def export(
     fp16: Annotated[bool, typer.Option("--fp16/--no-fp16", help="TensorRT: float16 activations.")] = True,
     int4: Annotated[bool, typer.Option("--int4", help="TensorRT: int4 weights from a GPTQ folder.")] = False,
     reference: Annotated[Optional[str], typer.Option("--reference", help="TensorRT: model for the ONNX check.")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="ONNX: refuse NaN or infinite weights (default: warn).")] = False,
 ):
     """Export MODEL to an artifact folder (weights + config + tokenizer + manifest.json).
 
     --format tensorrt takes a value model, a GPTQ folder (--int4) or a TensorRT-bound ONNX folder.
     """
+    from vexport.model import check_model_name
+
+    check_model_name(model)  # a mistyped path fails before torch and transformers are imported
     if format is Format.tensorrt:
         from vexport.export.tensorrt import ShapeProfile, build_engine, parse_shape
 
@@ -153,7 +157,7 @@ def export(
         from vexport.export.onnx import export_onnx
 
         path = export_onnx(model, output, dtype.value, optimize=optimize, force=force, allow_pickle=allow_pickle,
-                           int4_accuracy_level=4 if int8_activations else None, progress=True)
+                           int4_accuracy_level=4 if int8_activations else None, strict=strict, progress=True)
     else:
         from vexport.export.gptq import export_gptq
         from vexport.quant.stream import GPTQOptions

@@ -20,6 +20,7 @@ __all__ = [
     "builtin_prompt_groups",
     "encode",
     "encode_groups",
+    "long_context_samples",
     "read_prompt_groups",
     "render",
 ]
@@ -40,6 +41,7 @@ TULU_CHAT_TEMPLATE = (
 ROLES = ("system", "user", "assistant")
 BUILTIN_FILE = "prompt_groups.jsonl"
 MAX_CHARS_PER_TOKEN = 64  # a text over 64 x max_length characters is refused before it is tokenized
+PAST_THRESHOLD = 32  # tokens a long-context sample runs past each position threshold of the model
 
 
 @dataclass(frozen=True)
@@ -180,3 +182,28 @@ def encode_groups(
                 )
             samples.append(EncodedSample(group=g, response=r, text=text, input_ids=tuple(ids)))
     return samples
+
+
+def long_context_samples(samples: Sequence[EncodedSample], config: Any) -> list[EncodedSample]:
+    """Samples long enough to cross every position threshold of CONFIG (a sliding window, the pretraining length
+    of a scaled rope; vexport.model.position_thresholds), each in a group of its own: PAST_THRESHOLD tokens past
+    it, at most max_position_embeddings. The built-in set alone is shorter than such thresholds, so an export
+    wrong only past them would pass. Each is the SAMPLES' token ids (and texts) concatenated until long enough."""
+    from vexport.model import position_thresholds
+
+    if not samples:
+        return []
+    limit = getattr(config, "max_position_embeddings", None)
+    groups = max(s.group for s in samples) + 1
+    out = []
+    for k, threshold in enumerate(position_thresholds(config)):
+        length = threshold + PAST_THRESHOLD if limit is None else min(threshold + PAST_THRESHOLD, limit)
+        ids: list[int] = []
+        texts: list[str] = []
+        while len(ids) < length:
+            sample = samples[len(texts) % len(samples)]
+            ids.extend(sample.input_ids)
+            texts.append(sample.text)
+        out.append(EncodedSample(group=groups + k, response=0, text="".join(texts), input_ids=tuple(ids[:length])))
+        logger.info("evaluation: a sample of %d tokens crosses the model's position threshold %d", length, threshold)
+    return out

@@ -17,6 +17,8 @@ from typing import Any
 
 from vexport.errors import CorruptFileError, NotAValueModelError, VexportError
 from vexport.safety import check_entries, inside
+from vexport.tensors import OPTIONAL as OPTIONAL_TENSORS
+from vexport.tensors import WeightMismatchError, add_shard, check_tensors
 
 log = logging.getLogger(__name__)
 
@@ -54,25 +56,56 @@ class ModelSource:
         """The reference: the checkpoint loaded with transformers, in eval mode."""
         from transformers import AutoModelForTokenClassification
 
-        model = AutoModelForTokenClassification.from_pretrained(
-            self.path, dtype=dtype, use_safetensors=not self.pickle, trust_remote_code=False
+        model, info = AutoModelForTokenClassification.from_pretrained(
+            self.path, dtype=dtype, use_safetensors=not self.pickle, trust_remote_code=False,
+            output_loading_info=True,
         )
+        missing = [name for name in info.get("missing_keys", ()) if name not in OPTIONAL_TENSORS]
+        if missing or info.get("mismatched_keys"):  # never run with weights transformers made up
+            first = sorted(missing)[0] if missing else info["mismatched_keys"][0][0]
+            raise WeightMismatchError(f"{self.path}: tensor {first} is "
+                                      f"{'missing from' if missing else 'of the wrong shape in'} the weights")
         if device is not None:
             model = model.to(device)
         return model.eval()
 
 
 def resolve(model: str | os.PathLike) -> Path:
-    """A local folder as is; a hub id (org/name) downloaded with huggingface_hub; anything else refused."""
+    """A local folder as is; a hub id (org/name) downloaded with huggingface_hub; anything else refused.
+
+    A name that looks like a path (starts with '.', '/' or '~', or is not exactly org/name) or any name while
+    HF_HUB_OFFLINE is set is "no such folder" at once: no hub lookup."""
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
             raise VexportError(f"{model} is a file, not a model folder")
         return path
     text = str(model)
-    if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
-        raise VexportError(f"{model} does not exist")
+    _refuse_unless_hub_id(text)
     return _download(text)
+
+
+def check_model_name(model: str | os.PathLike) -> None:
+    """Refuse at once (before any heavy import) a MODEL that is no folder here and that resolve() would not look
+    up on the hub; nothing is downloaded."""
+    if not Path(model).expanduser().exists():
+        _refuse_unless_hub_id(str(model))
+
+
+def _refuse_unless_hub_id(text: str) -> None:
+    if not looks_like_hub_id(text):
+        raise VexportError(f"no such folder: {text} (it does not exist, and it is not a hub id org/name)")
+    if _offline():
+        raise VexportError(f"no such folder: {text} (it does not exist, and HF_HUB_OFFLINE is set: no hub lookup)")
+
+
+def looks_like_hub_id(text: str) -> bool:
+    return bool(_HUB_ID.match(text)) and not text.startswith((".", "/", "~")) and ".." not in text \
+        and "\\" not in text
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _download(model_id: str) -> Path:
@@ -100,6 +133,8 @@ def open_model(model: str | os.PathLike, allow_pickle: bool = False) -> ModelSou
     tensors = {} if is_pickle else index_tensors(weight_files)
     if not is_pickle and "score.weight" not in tensors:
         raise NotAValueModelError(f"{path} has no score head (score.weight) in its weights: not a value model")
+    if not is_pickle:  # names and shapes against config.json, from the headers (pickle: checked at load)
+        check_tensors(path, config, tensors, _gptq_group_size(config))
     return ModelSource(str(model), path, config, weight_files, tensors, is_pickle)
 
 
@@ -136,6 +171,53 @@ def check_value_model(config, path: Path) -> None:
         raise NotAValueModelError(f"{path} has num_labels {config.num_labels}: a value model has exactly 1")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise NotAValueModelError(f"{path}: hidden_act {config.hidden_act!r} is not supported (only silu)")
+    check_config_features(config, path)
+
+
+def rope_parameters(config) -> dict:
+    """config.rope_parameters as transformers standardized it (rope_type, rope_theta, factors...)."""
+    params = getattr(config, "rope_parameters", None)
+    return dict(params) if isinstance(params, dict) else {}
+
+
+def rope_type(config) -> str:
+    return str(rope_parameters(config).get("rope_type", "default"))
+
+
+def attention_window(config) -> int | None:
+    """The sliding attention window transformers applies (Mistral's ``sliding_window``), None when it never
+    limits a sequence the model takes (no window, or one of at least max_position_embeddings).
+    LlamaModel ignores ``sliding_window``, so a Llama config carrying one has none."""
+    window = getattr(config, "sliding_window", None)
+    if config.model_type != "mistral" or window is None:
+        return None
+    limit = getattr(config, "max_position_embeddings", None)
+    return None if limit is not None and window >= limit else int(window)
+
+
+def position_thresholds(config) -> list[int]:
+    """Sequence lengths past which the model computes differently: the sliding window, and the pretraining length
+    of a scaled rope (original_max_position_embeddings), each below max_position_embeddings."""
+    limit = getattr(config, "max_position_embeddings", None)
+    found = [attention_window(config)]
+    if rope_type(config) in ("llama3", "yarn", "longrope"):
+        found.append(rope_parameters(config).get("original_max_position_embeddings"))
+    return sorted({int(n) for n in found if _whole(n) and n > 0 and (limit is None or n < limit)})
+
+
+def check_config_features(config, path: Path) -> None:
+    """Config features transformers itself cannot run are refused by name (the export refuses more)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    kind = rope_type(config)
+    if kind != "default" and kind not in ROPE_INIT_FUNCTIONS:
+        known = ", ".join(["default", *sorted(ROPE_INIT_FUNCTIONS)])
+        raise NotAValueModelError(f"{path / 'config.json'}: rope_type {kind[:40]!r} is not a rope type "
+                                  f"transformers knows ({known})")
+    window = getattr(config, "sliding_window", None)
+    if config.model_type == "mistral" and window is not None and not (_whole(window) and window > 0):
+        raise NotAValueModelError(f"{path / 'config.json'}: sliding_window {str(window)[:40]} is not a positive "
+                                  "integer")
 
 
 def find_weight_files(path: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
@@ -176,11 +258,21 @@ def _files_from_index(index: Path) -> list[Path]:
 
 
 def index_tensors(files: list[Path]) -> dict[str, tuple[Path, str, list[int]]]:
+    """name -> (file, dtype, shape) over every shard; a tensor in two shards is refused."""
     tensors: dict[str, tuple[Path, str, list[int]]] = {}
     for file in files:
-        for name, (dtype, shape) in read_safetensors_header(file).items():
-            tensors[name] = (file, dtype, shape)
+        add_shard(tensors, file, read_safetensors_header(file))
     return tensors
+
+
+def _gptq_group_size(config) -> int | None:
+    """None for a float checkpoint; a GPTQ checkpoint's group size (0 when config.json gives none usable)."""
+    from vexport.quant.checkpoint import is_gptq_config, quantization_config_of
+
+    if not is_gptq_config(config):
+        return None
+    size = quantization_config_of(config).get("group_size", -1)
+    return size if isinstance(size, int) and not isinstance(size, bool) and (size == -1 or size > 0) else 0
 
 
 def read_safetensors_header(file: Path) -> dict[str, tuple[str, list[int]]]:

@@ -44,13 +44,14 @@ INT4_ACCURACY_LEVEL: int | None = 4
 
 def export_onnx(model: str | os.PathLike, output: str | os.PathLike, dtype: str = "float32", *,
                 optimize: bool = True, int4_accuracy_level: int | None = INT4_ACCURACY_LEVEL, force: bool = False,
-                allow_pickle: bool = False, progress: bool = False) -> Path:
+                allow_pickle: bool = False, strict: bool = False, progress: bool = False) -> Path:
     """Export a value model to OUTPUT/model.onnx (+ external data, config, tokenizer, manifest.json).
 
     ``optimize`` (the default) writes ONNX Runtime's fused graph (export/onnx_fused.py); ``optimize=False`` the
     plain opset-17 graph that any ONNX runtime runs. ``int4_accuracy_level`` is MatMulNBits' ``accuracy_level`` in
     the optimized int4 graph (4, the default: int8 activations on CPU; None: float compute, the checkpoint's exact
-    numerics)."""
+    numerics). NaN or infinite weights are logged as a warning naming the first such tensor; ``strict`` refuses
+    them (nothing is written)."""
     if dtype not in _TORCH_DTYPE:
         raise VexportError(f"--dtype {dtype} is not supported for onnx (choose float32 or float16)")
     output = Path(output)
@@ -64,14 +65,56 @@ def export_onnx(model: str | os.PathLike, output: str | os.PathLike, dtype: str 
         add_contrib_opset(graph)
         precision, options = "int4", {**options, **int4.format_options(dtype)}
     # --- end int4 ---
+    finite = FiniteCheck(_tensor_reader(source), source.path, strict)
+    if strict and not source.pickle:  # refused before anything is written
+        finite.scan(sorted(source.tensors), dtype)
     with staging_dir(output, force) as tmp:
-        _write_weights(graph, weights, _tensor_reader(source), tmp / DATA_FILE, dtype, progress)
+        _write_weights(graph, weights, finite, tmp / DATA_FILE, dtype, progress, finite.written)
         onnx.save_model(graph, tmp / GRAPH_FILE)
         onnx.checker.check_model(str(tmp / GRAPH_FILE))
         copy_support_files(source.path, tmp)
         write_manifest(tmp, "onnx", precision, source, _io_spec(), options, progress)
+    finite.report()
     log.info("wrote %s", output)
     return output
+
+
+class FiniteCheck:
+    """A tensor reader that notes (or, ``strict``, refuses) NaN and infinite values: in the checkpoint's tensors as
+    read, and in the arrays written (a float16 cast can overflow to inf)."""
+
+    def __init__(self, read: Callable[[str], torch.Tensor], folder: Path, strict: bool):
+        self.read, self.folder, self.strict = read, folder, strict
+        self.bad: list[tuple[str, str]] = []  # (tensor, what is wrong with it)
+
+    def __call__(self, name: str) -> torch.Tensor:
+        tensor = self.read(name)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            self._found(name)
+        return tensor
+
+    def scan(self, names: list[str], dtype: str) -> None:
+        """Read every tensor in NAMES and check it, and that its cast to DTYPE stays finite."""
+        limit = torch.finfo(_TORCH_DTYPE[dtype]).max
+        for name in names:
+            tensor = self(name)
+            if tensor.is_floating_point() and tensor.numel() and float(tensor.abs().max()) > limit:
+                self._found(name, f"has values beyond the {dtype} range (infinite once cast)")
+
+    def written(self, spec: WeightSpec, array: np.ndarray) -> None:
+        if array.dtype.kind == "f" and not bool(np.isfinite(array).all()):
+            self._found(spec.source, f"holds NaN or infinite values as written in {array.dtype}")
+
+    def _found(self, name: str, why: str = "holds NaN or infinite values") -> None:
+        if self.strict:
+            raise VexportError(f"{self.folder}: tensor {name} {why} (refused under --strict)")
+        if name not in [bad for bad, _ in self.bad]:
+            self.bad.append((name, why))
+
+    def report(self) -> None:
+        if self.bad:
+            more = f" (and {len(self.bad) - 1} more tensors)" if len(self.bad) > 1 else ""
+            log.warning("%s: tensor %s %s%s; exported as is (--strict refuses)", self.folder, *self.bad[0], more)
 
 
 def _io_spec() -> tuple[list[dict], list[dict]]:
@@ -112,11 +155,14 @@ def _tensor_reader(source: ModelSource) -> Callable[[str], torch.Tensor]:
 
 
 def _write_weights(graph: onnx.ModelProto, weights: list[WeightSpec], read: Callable[[str], torch.Tensor],
-                   data_file: Path, dtype: str, progress: bool) -> None:
+                   data_file: Path, dtype: str, progress: bool,
+                   written: Callable[[WeightSpec, np.ndarray], None] | None = None) -> None:
     offset = 0
     with open(data_file, "wb") as fh, progress_bar("writing ONNX weights", len(weights), progress) as advance:
         for spec in weights:
             array = spec.make(read) if spec.make else _prepare(read(spec.source), spec, dtype)
+            if written is not None:
+                written(spec, array)
             offset = _align(fh, offset)
             fh.write(memoryview(np.ascontiguousarray(array)).cast("B"))
             graph.graph.initializer.append(_external(spec.name, array, offset))

@@ -26,6 +26,8 @@ from onnx import TensorProto, helper
 
 from vexport.export.onnx_graph import OUTPUT_NAME, GraphBuilder, WeightSpec, make_model, rms_norm, rotary_tables
 from vexport.export.onnx_int4 import CONTRIB_DOMAIN, add_contrib_opset
+from vexport.model import attention_window
+from vexport.tensors import linear_biases
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +103,14 @@ def _packed_inputs(b: GraphBuilder) -> tuple[str, str, str, str, str]:
 
 
 def _rotary_caches(b: GraphBuilder, config, dtype: str) -> tuple[str, str]:
-    """cos/sin [max_positions, head_dim / 2], computed in float32 as transformers does, then cast."""
+    """cos/sin [T, head_dim / 2] for positions 0..T-1 of this call, computed in the graph in float32 as
+    transformers does, then cast: nothing scales with max_position_embeddings."""
     inv_freq, scaling = rotary_tables(config)
-    freqs = np.arange(config.max_position_embeddings, dtype=np.float32)[:, None] * inv_freq[None, :]
-    caches = []
-    for name, fn in (("cos_cache", np.cos), ("sin_cache", np.sin)):
-        table = (fn(freqs) * np.float32(scaling)).astype(_NP[dtype])
-        caches.append(b.weight(name, "model.embed_tokens.weight", make=lambda read, t=table: t))
-    return caches[0], caches[1]
+    length = b.op("Squeeze", b.op("Gather", b.op("Shape", "input_ids"), "index1"), "axis0")
+    positions = b.op("Cast", b.op("Range", "zero_i64_scalar", length, "one_i64"), to=TensorProto.FLOAT)
+    freqs = b.op("Mul", b.op("Unsqueeze", positions, "axis_last"), b.const("inv_freq", inv_freq[None, :]))
+    scale = b.const("rope_scaling", np.array(scaling, np.float32))
+    return tuple(b.op("Cast", b.op("Mul", b.op(fn, freqs), scale), to=b.onnx_dtype) for fn in ("Cos", "Sin"))
 
 
 def _skip_norm(b: GraphBuilder, x: str, residual: str, gamma: str, eps: float, name: str) -> tuple[str, str]:
@@ -123,7 +125,7 @@ def _decoder_layer(b: GraphBuilder, config, i: int, normed: str, hidden: str, at
                    fused: FusedLinear) -> tuple[str, str]:
     """One layer from its normalized input; returns the next normalized input and the residual stream."""
     prefix, eps = f"model.layers.{i}", config.rms_norm_eps
-    qkv_bias, mlp_bias = bool(getattr(config, "attention_bias", False)), bool(getattr(config, "mlp_bias", False))
+    qkv_bias, mlp_bias = linear_biases(config)
     qkv = fused(b, normed, [f"{prefix}.self_attn.{p}_proj" for p in "qkv"], f"l{i}_qkv", qkv_bias)
     attn = _gqa(b, config, qkv, attention, i)
     out = fused(b, attn, [f"{prefix}.self_attn.o_proj"], f"l{i}_o", qkv_bias)
@@ -146,9 +148,11 @@ def _decoder_layer(b: GraphBuilder, config, i: int, normed: str, hidden: str, at
 def _gqa(b: GraphBuilder, config, qkv: str, attention: tuple, i: int) -> str:
     positions, seqlens, total, cos, sin = attention
     inputs = [qkv, "", "", "", "", seqlens, total, cos, sin, positions]
+    window = attention_window(config)  # the last WINDOW keys, as transformers (matched against it in the tests)
     return b.op("GroupQueryAttention", *inputs, outputs=3, domain=CONTRIB_DOMAIN,
                 num_heads=config.num_attention_heads, kv_num_heads=config.num_key_value_heads,
-                do_rotary=1, rotary_interleaved=0, scale=float(head_dim(config) ** -0.5))[0]
+                do_rotary=1, rotary_interleaved=0, scale=float(head_dim(config) ** -0.5),
+                local_window_size=window if window is not None else -1)[0]
 
 
 def _input_order(fused: FusedLinear, prefix: str) -> np.ndarray | None:

@@ -20,6 +20,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from vexport.errors import NotAValueModelError
+from vexport.model import attention_window, rope_parameters, rope_type
+from vexport.tensors import linear_biases
 
 OPSET = 17
 INPUT_NAMES = ("input_ids", "attention_mask")
@@ -79,15 +81,36 @@ class GraphBuilder:
         return _ONNX_DTYPE[self.dtype]
 
 
+# Rope types whose inverse frequencies and scaling are fixed by the config: one table, exact at every position.
+# 'dynamic' and 'longrope' recompute them from the longest sequence of the batch, which no fixed graph can.
+EXACT_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
+_LENGTH_DEPENDENT_ROPE = {
+    "dynamic": "rescales its frequencies with the batch's longest sequence",
+    "longrope": "switches to its long factors when the batch's longest sequence passes "
+                "original_max_position_embeddings",
+}
+
+
 def rotary_tables(config) -> tuple[np.ndarray, float]:
-    """Inverse frequencies and the cos/sin scaling, computed by transformers' own rotary module."""
+    """Inverse frequencies and the cos/sin scaling, computed by transformers' own rotary module; rope types
+    the graph cannot express exactly are refused by name."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope_type == "dynamic":
-        raise NotAValueModelError("rope_type 'dynamic' changes with sequence length and is not supported")
+    kind = rope_type(config)
+    if kind in _LENGTH_DEPENDENT_ROPE:
+        raise NotAValueModelError(f"rope_type {kind!r} {_LENGTH_DEPENDENT_ROPE[kind]}: not supported by the ONNX "
+                                  f"export (supported rope types: {', '.join(EXACT_ROPE_TYPES)})")
+    if kind not in EXACT_ROPE_TYPES:
+        raise NotAValueModelError(f"rope_type {kind[:40]!r} is not supported by the ONNX export "
+                                  f"(supported: {', '.join(EXACT_ROPE_TYPES)})")
     rotary = LlamaRotaryEmbedding(config)
-    return rotary.inv_freq.float().numpy(), float(rotary.attention_scaling)
+    inv_freq = rotary.inv_freq.float().numpy()
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if 2 * inv_freq.size != dim:
+        factor = rope_parameters(config).get("partial_rotary_factor")
+        raise NotAValueModelError(f"rope_type {kind!r} with partial_rotary_factor {factor} rotates {2 * inv_freq.size} "
+                                  f"of the {dim} dimensions of each head: not supported by the ONNX export")
+    return inv_freq, float(rotary.attention_scaling)
 
 
 def build_graph(config, dtype: str, score_bias: bool, linear: LinearEmitter | None = None,
@@ -99,7 +122,7 @@ def build_graph(config, dtype: str, score_bias: bool, linear: LinearEmitter | No
     positions = b.op("Sub", b.op("CumSum", "attention_mask", b.const("axis1", np.array(1, np.int64))), "one_i64")
     positions = b.op("Max", positions, "zero_i64")
     cos, sin = _rotary(b, config, positions)
-    bias = _attention_bias(b)
+    bias = _attention_bias(b, attention_window(config))
     hidden = b.op("Gather", b.weight("embed_tokens", "model.embed_tokens.weight"), "input_ids", axis=0)
     for i in range(config.num_hidden_layers):
         hidden = _decoder_layer(b, config, i, hidden, cos, sin, bias)
@@ -137,12 +160,17 @@ def _rotary(b: GraphBuilder, config, positions: str) -> tuple[str, str]:
     return tables[0], tables[1]
 
 
-def _attention_bias(b: GraphBuilder) -> str:
-    """float32 [B, 1, T, T]: 0 where query i may attend key j (j <= i and j is a real token), else -1e9."""
+def _attention_bias(b: GraphBuilder, window: int | None = None) -> str:
+    """float32 [B, 1, T, T]: 0 where query i may attend key j (j <= i, i - j < WINDOW when there is a sliding
+    window, as transformers' sliding mask, and j is a real token), else -1e9."""
     length = b.op("Gather", b.op("Shape", "input_ids"), "one_i64")  # [1]
     length = b.op("Squeeze", length, b.const("axis0", np.array([0], np.int64)))
     idx = b.op("Range", "zero_i64", length, b.const("step1", np.array(1, np.int64)))
-    causal = b.op("LessOrEqual", b.op("Unsqueeze", idx, "axis0"), b.op("Unsqueeze", idx, "one_i64"))
+    keys, queries = b.op("Unsqueeze", idx, "axis0"), b.op("Unsqueeze", idx, "one_i64")
+    causal = b.op("LessOrEqual", keys, queries)
+    if window is not None:
+        near = b.op("Less", b.op("Sub", queries, keys), b.const("sliding_window", np.array(window, np.int64)))
+        causal = b.op("And", causal, near)
     real = b.op("Cast", b.op("Unsqueeze", "attention_mask", b.const("axes12", np.array([1, 2], np.int64))),
                 to=TensorProto.BOOL)
     allowed = b.op("And", causal, real)
@@ -174,7 +202,7 @@ def _decoder_layer(b: GraphBuilder, config, i: int, hidden: str, cos: str, sin: 
 
 
 def _mlp(b: GraphBuilder, config, i: int, x: str) -> str:
-    prefix, bias = f"model.layers.{i}.mlp", bool(getattr(config, "mlp_bias", False))
+    prefix, bias = f"model.layers.{i}.mlp", linear_biases(config)[1]
     gate = b.linear(b, x, f"{prefix}.gate_proj", f"l{i}_gate", bias)
     up = b.linear(b, x, f"{prefix}.up_proj", f"l{i}_up", bias)
     act = b.op("Mul", gate, b.op("Sigmoid", gate))
@@ -208,7 +236,7 @@ def _repeat_kv(b: GraphBuilder, x: str, heads: int, kv_heads: int, head_dim: int
 def _attention(b: GraphBuilder, config, i: int, x: str, cos: str, sin: str, bias: str) -> str:
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    prefix, qkv_bias = f"model.layers.{i}.self_attn", bool(getattr(config, "attention_bias", False))
+    prefix, qkv_bias = f"model.layers.{i}.self_attn", linear_biases(config)[0]
     q = _heads(b, b.linear(b, x, f"{prefix}.q_proj", f"l{i}_q", qkv_bias), heads, head_dim, f"l{i}_q")
     k = _heads(b, b.linear(b, x, f"{prefix}.k_proj", f"l{i}_k", qkv_bias), kv_heads, head_dim, f"l{i}_k")
     v = _heads(b, b.linear(b, x, f"{prefix}.v_proj", f"l{i}_v", qkv_bias), kv_heads, head_dim, f"l{i}_v")

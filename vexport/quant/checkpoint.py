@@ -158,10 +158,14 @@ def _quantize_layer(source, prefixes: list[str], qconfig: Mapping[str, Any]) -> 
     out: dict[str, Tensor] = {}
     for prefix in prefixes:
         weight = source.read_tensor(f"{prefix}.weight").float()
+        if not bool(torch.isfinite(weight).all()):
+            raise VexportError(f"{source.path}: tensor {prefix}.weight holds NaN or infinite values: it cannot be "
+                               "quantized")
         if qconfig["desc_act"]:
             qw = quantize_rtn_act_order(weight, qconfig["group_size"], qconfig["sym"])
         else:
-            qw = quantize_rtn(weight, bits=4, group_size=qconfig["group_size"], sym=qconfig["sym"])
+            qw = quantize_rtn(weight, bits=4, group_size=qconfig["group_size"], sym=qconfig["sym"],
+                              name=f"{prefix}.weight")
         out.update({f"{prefix}.{k}": v for k, v in pack_gptq_v1(qw).items()})
         if f"{prefix}.bias" in source.tensors:
             out[f"{prefix}.bias"] = source.read_tensor(f"{prefix}.bias").to(torch.float16)

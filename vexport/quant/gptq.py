@@ -37,8 +37,9 @@ class GPTQQuantizer:
     the least-squares weight that undoes the drift, which GPTQ then quantizes (dampened toward W).
     """
 
-    def __init__(self, weight: Tensor) -> None:
-        check_weight(weight)
+    def __init__(self, weight: Tensor, name: str = "weight") -> None:
+        check_weight(weight, name)
+        self.name = name  # the checkpoint's tensor name, for messages
         self.weight = weight.detach()
         in_f = weight.shape[1]
         self.hessian = torch.zeros(in_f, in_f, dtype=torch.float32, device=weight.device)
@@ -80,7 +81,8 @@ class GPTQQuantizer:
             raise InputError(f"GPTQ inputs must have last dimension {self.in_features}, got {shape}")
         rows = x.detach().reshape(-1, self.in_features).to(device=self.hessian.device, dtype=torch.float32)
         if not bool(torch.isfinite(rows).all()):
-            raise InputError("GPTQ calibration inputs hold NaN or infinite values")
+            raise InputError(f"GPTQ calibration inputs of {self.name} hold NaN or infinite values (a tensor of an "
+                             "earlier layer, or the embedding, is not finite)")
         return rows
 
     def target_weight(self, damp_percent: float = TARGET_DAMP_PERCENT) -> Tensor:

@@ -56,19 +56,22 @@ def _fp16_scale(scale: Tensor) -> Tensor:
     return scale.to(torch.float16).to(torch.float32).clamp(min=FP16_MIN_SUBNORMAL)
 
 
-def check_weight(weight: Tensor) -> None:
-    """Raise InputError unless ``weight`` is a finite floating-point [O, I] matrix."""
+def check_weight(weight: Tensor, name: str = "weight") -> None:
+    """Raise InputError unless ``weight`` is a finite floating-point [O, I] matrix; NAME is the checkpoint's
+    tensor name, for the message."""
     if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        raise InputError("weight must be a floating-point tensor [out_features, in_features]")
+        raise InputError(f"{name} must be a floating-point tensor [out_features, in_features]")
     if weight.numel() == 0:
-        raise InputError(f"weight is empty: shape {tuple(weight.shape)}")
+        raise InputError(f"{name} is empty: shape {tuple(weight.shape)}")
     if not bool(torch.isfinite(weight).all()):
-        raise InputError("weight holds NaN or infinite values")
+        raise InputError(f"{name} holds NaN or infinite values: GPTQ cannot quantize it")
 
 
-def quantize_rtn(weight: Tensor, bits: int = 4, group_size: int = 128, sym: bool = True) -> QuantizedWeight:
-    """Round each weight to the nearest point of its group's grid (groups of consecutive inputs)."""
-    check_weight(weight)
+def quantize_rtn(weight: Tensor, bits: int = 4, group_size: int = 128, sym: bool = True,
+                 name: str = "weight") -> QuantizedWeight:
+    """Round each weight to the nearest point of its group's grid (groups of consecutive inputs); NAME is the
+    tensor's name in messages."""
+    check_weight(weight, name)
     check_grid_options(bits, group_size)
     w = weight.detach().to(torch.float32)
     out_f, in_f = w.shape

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from vexport.errors import InputError
 from vexport.model import ModelSource
 from vexport.progress import progress_bar
 from vexport.quant.gptq import TARGET_DAMP_PERCENT, GPTQQuantizer
@@ -62,14 +63,27 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+def finite_tensor(source: ModelSource, name: str) -> torch.Tensor:
+    """The checkpoint tensor NAME, refused by name when it holds NaN or infinite values (GPTQ cannot use them)."""
+    tensor = source.read_tensor(name)
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise InputError(f"{source.path}: tensor {name} holds NaN or infinite values: GPTQ cannot quantize "
+                         "a model with non-finite weights")
+    return tensor
+
+
 def load_layer(source: ModelSource, index: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """One LlamaDecoderLayer with its checkpoint weights, built without a random initialisation."""
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    """One decoder layer (Llama's, or Mistral's: its config has no attention_bias) with its checkpoint weights,
+    built without a random initialisation."""
+    if source.config.model_type == "mistral":
+        from transformers.models.mistral.modeling_mistral import MistralDecoderLayer as DecoderLayer
+    else:
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer as DecoderLayer
 
     prefix = f"model.layers.{index}."
     with torch.device("meta"):
-        layer = LlamaDecoderLayer(source.config, index)
-    state = {name[len(prefix):]: source.read_tensor(name).to(dtype) for name in source.tensors
+        layer = DecoderLayer(source.config, index)
+    state = {name[len(prefix):]: finite_tensor(source, name).to(dtype) for name in source.tensors
              if name.startswith(prefix)}
     layer.load_state_dict(state, strict=True, assign=True)
     return layer.to(device).eval()
@@ -85,7 +99,9 @@ def quantize_layer(layer: nn.Module, hidden: torch.Tensor, layer_kwargs: dict, o
     layers left in HIDDEN is corrected, not carried on.
     """
     packed: dict[str, dict[str, torch.Tensor]] = {}
-    quantizers = {name: GPTQQuantizer(layer.get_submodule(name).weight) for name in QUANTIZED}
+    index = getattr(getattr(layer, "self_attn", None), "layer_idx", "?")
+    quantizers = {name: GPTQQuantizer(layer.get_submodule(name).weight, f"model.layers.{index}.{name}.weight")
+                  for name in QUANTIZED}
     float_layer = copy.deepcopy(layer) if reference is not None else None
     # Pass 1..4: one sub-module group at a time, every calibration sample through the (partly quantized) layer.
     for group in (QUANTIZED[:3], QUANTIZED[3:4], QUANTIZED[4:6], QUANTIZED[6:]):
@@ -167,7 +183,7 @@ def quantize_stream(source: ModelSource, samples: torch.Tensor, options: GPTQOpt
     dtype = compute_dtype(device)
     config = source.config
     config._attn_implementation = "sdpa"
-    embed = source.read_tensor("model.embed_tokens.weight")
+    embed = finite_tensor(source, "model.embed_tokens.weight")
     write({"model.embed_tokens.weight": embed.half()})
     hidden = nn.functional.embedding(samples, embed).to(device, dtype)
     del embed
