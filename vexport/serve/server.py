@@ -7,6 +7,7 @@ keeps running until then), and only then runs the app's shutdown: the engine sto
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 
 from vexport.serve.config import ServeOptions
@@ -48,7 +49,18 @@ class Server:
 
         config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="on",
                                 timeout_graceful_shutdown=None)
-        uvicorn.Server(config).run(sockets=[self.sock])
+        # uvicorn drains on SIGTERM, then re-raises it to the handler it found: make that one return, so a
+        # drained server exits 0 (SIGINT keeps Python's KeyboardInterrupt)
+        previous = signal.signal(signal.SIGTERM, _drained)
+        try:
+            uvicorn.Server(config).run(sockets=[self.sock])
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+
+def _drained(signum, frame) -> None:
+    log.info("stopped on SIGTERM after the requests in flight finished")
 
 
 def _local_engine(model: str, options: ServeOptions, metrics):
