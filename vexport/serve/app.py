@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 
 from vexport.errors import VexportError
 from vexport.serve.batcher import QueueFull
+from vexport.serve.engine import EngineUnavailable
 from vexport.serve.metrics import Metrics
 from vexport.serve.routes import Api, overloaded
 from vexport.serve.schemas import (AdvanceRequest, ClassifyRequest, GroupRequest, PoolingRequest, RequestError,
@@ -31,10 +32,6 @@ from vexport.serve.sessions import SessionGone, SessionNotFound
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = ("/health", "/ready")
-
-
-class EngineUnavailable(Exception):
-    """The engine could not answer now (a replica died or is restarting): HTTP 503, retry."""
 
 
 def create_app(engine, encoder, options, metrics: Metrics | None = None) -> FastAPI:

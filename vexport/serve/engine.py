@@ -18,6 +18,10 @@ from vexport.serve.worker import ModelWorker
 log = logging.getLogger(__name__)
 
 
+class EngineUnavailable(Exception):
+    """The engine could not answer now (a replica died or is restarting): HTTP 503, to retry."""
+
+
 class LocalEngine:
     """A loaded ValueModel served from this process."""
 
