@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import random
 import re
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -336,7 +339,7 @@ def test_sessions_equal_full_recomputation_and_an_evicted_one_answers_410(model,
 
 
 def test_sigterm_finishes_the_requests_in_flight_then_exits(server, model):
-    """Last in this module: it stops the module's server."""
+    """The last test of this module that uses its server: it stops it."""
     big = [[5 + (i * 11 + j) % 900 for j in range(200)] for i in range(12)]
     want = model.values(torch.tensor(big))[:, -1].numpy()
     result = {}
@@ -362,6 +365,28 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits(server, model):
     np.testing.assert_allclose(result["answer"].json()["values"], want, **TOL)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/health", timeout=5)
+
+
+def test_without_the_serve_extra_the_command_exits_2_with_the_install_line(tiny_model_dir, tmp_path):
+    (tmp_path / "fastapi.py").write_text("raise ImportError('fastapi is not installed here')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "vexport", "serve", str(tiny_model_dir)], capture_output=True,
+                            text=True, env={**env, "COLUMNS": "300"}, timeout=120)
+    assert result.returncode == 2 and "pip install 'vexport[serve]'" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("options, flag", [
+    (dict(engine="kubernetes"), "--engine"), (dict(replicas=2), "--replicas"), (dict(batch_tokens=0), "--batch-tokens"),
+    (dict(max_wait_ms=-1), "--max-wait-ms"), (dict(port=70000), "--port"), (dict(max_queue_tokens=10), "--max-queue-tokens"),
+    (dict(max_length=4096), "--max-length"),
+])
+def test_bad_serve_options_name_their_flag(options, flag):
+    from vexport.errors import VexportError
+    from vexport.serve.config import ServeOptions
+
+    with pytest.raises(VexportError, match=re.escape(flag)):
+        ServeOptions(**options).resolved("model", max_positions=512)
 
 
 def _metric(text: str, name: str) -> float:

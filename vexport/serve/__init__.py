@@ -24,9 +24,17 @@ _SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client", "httpx")
 
 def require_serve(engine: str = "local") -> None:
     """``vexport serve`` needs the serve extra (and Ray Serve for ``--engine ray``)."""
-    missing = [name for name in _SERVE_MODULES if importlib.util.find_spec(name) is None]
+    missing = [name for name in _SERVE_MODULES if not _importable(name)]
     if missing:
         raise MissingDependencyError(f"vexport serve needs {', '.join(missing)}, which is not installed: "
                                      f"{SERVE_INSTALL}")
-    if engine == "ray" and (importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None):
+    if engine == "ray" and not _importable("ray.serve"):
         raise MissingDependencyError(f"--engine ray needs Ray Serve, which is not installed: {RAY_SERVE_INSTALL}")
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
