@@ -53,10 +53,11 @@ class ValueClient:
     def values(self, input_ids, attention_mask=None) -> torch.Tensor:
         """float32 [B, T]: the value of every token; padding positions are 0."""
         ids, mask = _batch(input_ids, attention_mask)
-        rows = self.token_values([row[m.bool()].tolist() for row, m in zip(ids, mask)])
+        real = [b for b in range(ids.shape[0]) if mask[b].any()]  # an all-padding row is all zeros
         out = torch.zeros(ids.shape, dtype=torch.float32)
-        for b, row in enumerate(rows):
-            out[b, mask[b].bool()] = torch.from_numpy(row)
+        if real:
+            for b, row in zip(real, self.token_values([ids[b][mask[b].bool()].tolist() for b in real])):
+                out[b, mask[b].bool()] = torch.from_numpy(row)
         return out
 
     def sequence_values(self, input_ids, attention_mask=None) -> torch.Tensor:

@@ -114,8 +114,13 @@ class Batcher:
             requests = [r for r in self._pending if not r.future.done()]
             self._pending.clear()
             self._pending_tokens = 0
-            if requests:
+            try:
                 await self._run(requests)
+            except Exception as exc:  # never leave a request waiting on a loop that died
+                log.exception("batching failed")
+                for r in requests:
+                    if not r.future.done():
+                        r.future.set_exception(exc)
 
     async def _gather(self) -> None:
         """Wait until the queue holds a batch's worth of tokens or its oldest request has waited long enough."""
