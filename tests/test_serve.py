@@ -259,7 +259,8 @@ def test_bad_requests_get_their_status_and_a_json_error_naming_the_field(server,
     ids = model.tokenizer("The cat likes three red apples.")["input_ids"]
     np.testing.assert_allclose(http.post("/v1/values", json={"input_ids": [ids]}).json()["values"][0],
                                alone(model, ids), **TOL)
-    assert _metric(httpx.get(f"{server.url}/metrics", headers=AUTH).text, 'vexport_requests_total{endpoint="/v1/values",status="500"}') == 0
+    metrics = httpx.get(f"{server.url}/metrics", headers=AUTH).text
+    assert _metric(metrics, 'vexport_requests_total{endpoint="/v1/values",status="500"}') == 0
 
 
 def test_api_key_is_required_and_the_server_binds_loopback(server):
@@ -407,9 +408,9 @@ def test_without_the_serve_extra_the_command_exits_2_with_the_install_line(tiny_
 
 
 @pytest.mark.parametrize("options, flag", [
-    (dict(engine="kubernetes"), "--engine"), (dict(replicas=2), "--replicas"), (dict(batch_tokens=0), "--batch-tokens"),
-    (dict(max_wait_ms=-1), "--max-wait-ms"), (dict(port=70000), "--port"), (dict(max_queue_tokens=10), "--max-queue-tokens"),
-    (dict(max_length=4096), "--max-length"),
+    (dict(engine="kubernetes"), "--engine"), (dict(replicas=2), "--replicas"),
+    (dict(batch_tokens=0), "--batch-tokens"), (dict(max_wait_ms=-1), "--max-wait-ms"), (dict(port=70000), "--port"),
+    (dict(max_queue_tokens=10), "--max-queue-tokens"), (dict(max_length=4096), "--max-length"),
 ])
 def test_bad_serve_options_name_their_flag(options, flag):
     from vexport.errors import VexportError

@@ -298,7 +298,7 @@ def score(
 @_command
 def serve(
     model: Annotated[str, typer.Argument(help="Artifact folder, or a Hugging Face value model (folder or hub id).")],
-    host: Annotated[str, typer.Option("--host", help="Address to bind (loopback unless you say otherwise).")] = "127.0.0.1",
+    host: Annotated[str, typer.Option("--host", help="Address to bind (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port (0: any free one).")] = 8000,
     api_key: Annotated[Optional[str], typer.Option("--api-key", help="Require 'Authorization: Bearer KEY' "
                                                    "(default: env VEXPORT_API_KEY).")] = None,
@@ -308,10 +308,10 @@ def serve(
                                                             "(default: 32 batches).")] = None,
     max_length: Annotated[Optional[int], typer.Option("--max-length", help="Longer sequences are refused.")] = None,
     engine: Annotated[str, typer.Option("--engine", help="local or ray (Ray Serve replicas).")] = "local",
-    replicas: Annotated[Optional[int], typer.Option("--replicas", help="Ray: replicas (default: GPUs, else 1).")] = None,
+    replicas: Annotated[Optional[int], typer.Option("--replicas", help="Ray: replicas (default: GPUs or 1).")] = None,
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray: join this cluster.")] = None,
-    session_memory_mb: Annotated[float, typer.Option("--session-memory-mb", help="KV cache cap of all sessions.")] = 1024.0,
-    session_ttl_s: Annotated[float, typer.Option("--session-ttl-s", help="Idle seconds before a session expires.")] = 600.0,
+    session_memory_mb: Annotated[float, typer.Option("--session-memory-mb", help="Sessions' KV cache cap.")] = 1024.0,
+    session_ttl_s: Annotated[float, typer.Option("--session-ttl-s", help="Idle seconds to expiry.")] = 600.0,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda if present).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads per model.")] = None,
 ):

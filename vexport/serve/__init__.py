@@ -2,7 +2,7 @@
 vLLM clients (``/pooling``, ``/classify``) and vexport's own endpoints (values, shared-prompt groups, KV-cached
 sessions), on FastAPI + uvicorn in one process or on Ray Serve replicas.
 
-    HTTP ─► app.py (errors, API key, metrics) ─► routes.py ─► inputs.py (tokenize, check: 4xx naming the field)
+    HTTP ─► app.py (errors, API key, metrics) ─► routes.py ─► inputs.py (tokenize and check: 4xx naming a field)
         ─► engine: engine.py + batcher.py (local: one model thread)  |  ray_engine.py (Ray Serve replicas)
             ─► worker.py (ValueModel.values / score_group, the scoring planner) and sessions.py
 

@@ -137,8 +137,8 @@ def _validation_error(errors) -> RequestError:
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
     if first.get("type") == "json_invalid":
         position = first["loc"][1] if len(first.get("loc", ())) > 1 else "?"
-        return RequestError(400, "body", f"malformed JSON at character {position}: {first.get('ctx', {}).get('error', '')}"
-                                         .rstrip(": "))
+        reason = first.get("ctx", {}).get("error", "")
+        return RequestError(400, "body", f"malformed JSON at character {position}: {reason}".rstrip(": "))
     parts = [p for p in first.get("loc", ()) if p != "body"]
     field = _field_name(parts)
     message = first.get("msg", "invalid value")
