@@ -346,5 +346,45 @@ def score(
 # --- end score ---
 
 
+# --- serve: values over HTTP (vexport/serve) ---
+@app.command()
+@_command
+def serve(
+    model: Annotated[str, typer.Argument(help="Artifact folder, or a Hugging Face value model (folder or hub id).")],
+    host: Annotated[str, typer.Option("--host", help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port (0: any free one).")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", help="Require 'Authorization: Bearer KEY' "
+                                                   "(default: env VEXPORT_API_KEY).")] = None,
+    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per model batch.")] = 8192,
+    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", help="Longest a request waits for a batch.")] = 5.0,
+    max_queue_tokens: Annotated[Optional[int], typer.Option("--max-queue-tokens", help="Queued tokens before 429 "
+                                                            "(default: 32 batches).")] = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Longer sequences are refused.")] = None,
+    engine: Annotated[str, typer.Option("--engine", help="local or ray (Ray Serve replicas).")] = "local",
+    replicas: Annotated[Optional[int], typer.Option("--replicas", help="Ray: replicas (default: GPUs or 1).")] = None,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray: join this cluster.")] = None,
+    session_memory_mb: Annotated[float, typer.Option("--session-memory-mb", help="Sessions' KV cache cap.")] = 1024.0,
+    session_ttl_s: Annotated[float, typer.Option("--session-ttl-s", help="Idle seconds to expiry.")] = 600.0,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda if present).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads per model.")] = None,
+):
+    """Serve MODEL's values over HTTP: OpenRLHF /get_reward, vLLM /pooling and /classify, /v1/... (see README)."""
+    from vexport.serve import require_serve
+
+    require_serve(engine)
+    from vexport.serve.config import ServeOptions
+    from vexport.serve.server import Server
+
+    options = ServeOptions(host=host, port=port, api_key=api_key, batch_tokens=batch_tokens, max_wait_ms=max_wait_ms,
+                           max_queue_tokens=max_queue_tokens, max_length=max_length, engine=engine, replicas=replicas,
+                           ray_address=ray_address, session_memory_mb=session_memory_mb, session_ttl_s=session_ttl_s,
+                           device=device, threads=threads)
+    server = Server.prepare(model, options)
+    out.print(f"serving {model} on {server.url} ({engine} engine); SIGTERM or Ctrl-C drains and stops",
+              highlight=False, soft_wrap=True)
+    server.run()
+# --- end serve ---
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

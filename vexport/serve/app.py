@@ -1,0 +1,207 @@
+"""The FastAPI app: routes (routes.py), errors as JSON naming the field, API key, metrics, lifecycle.
+
+Every refusal answers ``{"error": {"message", "type", "field", "code"}}``: malformed JSON 400, a wrong field
+type or a missing field 422, content the model cannot take (too long, outside the vocabulary, empty) 400, a
+request over the queue's size 413, a full queue 429 with ``Retry-After``, an unknown session 404, an evicted
+one 410, an engine replica lost mid-request 503 with ``Retry-After`` (the client retries). ``/health`` and
+``/ready`` answer without the API key, for probes; everything else needs ``Authorization: Bearer KEY`` when
+the server has one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from vexport.errors import VexportError
+from vexport.serve.batcher import QueueFull
+from vexport.serve.engine import EngineUnavailable
+from vexport.serve.metrics import Metrics
+from vexport.serve.routes import Api, overloaded
+from vexport.serve.schemas import (AdvanceRequest, ClassifyRequest, GroupRequest, PoolingRequest, RequestError,
+                                   RewardRequest, ScoreRequest, SessionRequest, ValuesRequest)
+from vexport.serve.sessions import SessionGone, SessionNotFound
+
+log = logging.getLogger(__name__)
+
+OPEN_PATHS = ("/health", "/ready")
+
+
+def create_app(engine, encoder, options, metrics: Metrics | None = None) -> FastAPI:
+    """The app over ENGINE (local or Ray Serve), ENCODER (tokenizer and limits) and the resolved OPTIONS."""
+    metrics = metrics or Metrics()
+    api = Api(engine, encoder, options, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await engine.start()
+        log.info("serving %s on the %s engine", options.model_name, engine.name)
+        try:
+            yield
+        finally:
+            await engine.stop()
+
+    app = FastAPI(title="vexport serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    _routes(app, api, engine, options, metrics)
+    _errors(app)
+    app.add_middleware(_Gate, api_key=options.api_key, metrics=metrics,
+                       max_body=int(options.max_body_mb * (1 << 20)))
+    return app
+
+
+def _routes(app: FastAPI, api: Api, engine, options, metrics: Metrics) -> None:
+    app.post("/get_reward")(api.get_reward)
+    app.post("/pooling")(api.pooling)
+    app.post("/classify")(api.classify)
+    app.post("/v1/values")(api.values)
+    app.post("/v1/groups")(api.groups)
+    app.post("/v1/sessions")(api.session_create)
+    app.post("/v1/sessions/{session_id}/score")(api.session_score)
+    app.post("/v1/sessions/{session_id}/advance")(api.session_advance)
+    app.get("/v1/sessions/{session_id}")(api.session_get)
+    app.delete("/v1/sessions/{session_id}")(api.session_delete)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        body = {"ready": bool(engine.ready), "model": options.model_name, **engine.describe(),
+                "max_length": options.max_length, "batch_tokens": options.batch_tokens}
+        return JSONResponse(body, status_code=200 if engine.ready else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": options.model_name, "object": "model", "owned_by": "vexport"}]}
+
+
+def _errors(app: FastAPI) -> None:
+    @app.exception_handler(RequestError)
+    async def refused(request, exc: RequestError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        return _as_json(_validation_error(exc.errors()))
+
+    @app.exception_handler(QueueFull)
+    async def full(request, exc: QueueFull):
+        return _as_json(overloaded(exc))
+
+    @app.exception_handler(SessionGone)
+    async def gone(request, exc: SessionGone):
+        return _as_json(RequestError(410, "session_id", str(exc)))
+
+    @app.exception_handler(SessionNotFound)
+    async def missing(request, exc: SessionNotFound):
+        return _as_json(RequestError(404, "session_id", str(exc)))
+
+    @app.exception_handler(EngineUnavailable)
+    async def unavailable(request, exc: EngineUnavailable):
+        return _as_json(RequestError(503, None, str(exc), {"Retry-After": "1"}))
+
+    @app.exception_handler(VexportError)
+    async def bad_input(request, exc: VexportError):
+        message = " ".join(str(exc).split())
+        field = message.split(":", 1)[0] if ":" in message and " " not in message.split(":", 1)[0] else None
+        return _as_json(RequestError(400, field, message))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        return _as_json(RequestError(exc.status_code, None, str(exc.detail), dict(exc.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def failed(request, exc: Exception):
+        log.exception("request to %s failed", request.url.path)
+        return _as_json(RequestError(500, None, f"internal error: {type(exc).__name__}"))
+
+
+def _as_json(error: RequestError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def _validation_error(errors) -> RequestError:
+    """The first error, with its field written as ``texts[2]`` (pydantic's union member tags left out)."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        position = first["loc"][1] if len(first.get("loc", ())) > 1 else "?"
+        reason = first.get("ctx", {}).get("error", "")
+        return RequestError(400, "body", f"malformed JSON at character {position}: {reason}".rstrip(": "))
+    parts = [p for p in first.get("loc", ()) if p != "body"]
+    field = _field_name(parts)
+    message = first.get("msg", "invalid value")
+    if first.get("type") == "missing" and not parts:
+        return RequestError(400, "body", "the body must be a JSON object")
+    return RequestError(422, field, f"{field}: {message}" if field else message)
+
+
+def _field_name(parts) -> str | None:
+    name = ""
+    for part in parts:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif "[" in part or part in ("str", "int", "bool", "float", "list", "function-after"):
+            continue  # a union member's tag, not a field
+        else:
+            name += f".{part}" if name else part
+    return name or None
+
+
+class _Gate:
+    """ASGI middleware: the API key, a body size cap, and per-endpoint request counts and latency."""
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics, max_body: int):
+        self.app, self.api_key, self.metrics, self.max_body = app, api_key, metrics, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        refusal = self._refusal(scope)
+        status = {"code": 500}
+
+        async def tracked_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        start = time.perf_counter()
+        try:
+            if refusal is not None:
+                await _as_json(refusal)(scope, receive, tracked_send)
+            else:
+                await self.app(scope, receive, tracked_send)
+        finally:
+            endpoint = _endpoint(scope)
+            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+    def _refusal(self, scope) -> RequestError | None:
+        headers = dict(scope.get("headers") or ())
+        if self.api_key and scope["path"] not in OPEN_PATHS:
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                return RequestError(401, "Authorization", "missing or wrong API key: send the header "
+                                                          "'Authorization: Bearer KEY'", {"WWW-Authenticate": "Bearer"})
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            return RequestError(413, "body", f"the body is {int(length)} bytes, over --max-body-mb "
+                                             f"{self.max_body / (1 << 20):g}")
+        return None
+
+
+def _endpoint(scope) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "unmatched"

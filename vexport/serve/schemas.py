@@ -1,0 +1,141 @@
+"""Request bodies of every endpoint (pydantic), and the error every rejected request gets.
+
+Types are strict (``"1"`` is not a token id, ``1.0`` is not an int). The vexport endpoints (``/v1/...``) refuse
+unknown fields, so a typo is named rather than ignored; the OpenRLHF and vLLM endpoints ignore fields they do
+not use, as those servers do. A rejected request answers ``{"error": {"message", "type", "field", "code"}}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+TokenIds = list[int]
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP STATUS, the FIELD at fault (``texts[2]``), and a one-line message."""
+
+    def __init__(self, status: int, field: str | None, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.field, self.message, self.headers = status, field, message, headers or {}
+
+    def body(self) -> dict:
+        kind = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 410: "gone", 413: "too_large",
+                422: "invalid_request", 429: "overloaded", 499: "client_closed", 503: "unavailable"}
+        return {"error": {"message": self.message, "type": kind.get(self.status, "error"), "field": self.field,
+                          "code": self.status}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class Message(_Strict):
+    role: str
+    content: str
+
+
+# --- OpenRLHF ---
+class RewardRequest(_Lenient):
+    """OpenRLHF's remote reward model call: ``query`` is each full text (prompt and response)."""
+
+    query: list[str] = Field(min_length=1)
+    prompts: list[Any] | None = None
+    labels: list[Any] | None = None
+
+
+# --- vLLM ---
+class _VllmInput(_Lenient):
+    """``input`` is a string, strings, token ids, or lists of token ids; or ``messages``, one chat."""
+
+    model: str | None = None
+    input: Any = None
+    messages: list[Message] | None = Field(default=None, min_length=1)
+    use_activation: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.input is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'input' and 'messages'")
+        return self
+
+
+class PoolingRequest(_VllmInput):
+    """vLLM's ``/pooling``: per-token values (``task: token_classify``) or the last token's (``classify``)."""
+
+    task: str = "token_classify"
+    encoding_format: Literal["float", "base64"] = "float"
+
+
+class ClassifyRequest(_VllmInput):
+    """vLLM's ``/classify``: the value of each input at its last token."""
+
+
+# --- vexport ---
+class ValuesRequest(_Strict):
+    """Per-token (or last-token) values of texts, chats or token-id lists."""
+
+    texts: list[str] | None = Field(default=None, min_length=1)
+    messages: list[list[Message]] | None = Field(default=None, min_length=1)
+    input_ids: list[TokenIds] | None = Field(default=None, min_length=1)
+    prompt_lengths: list[int] | None = None
+    per_token: bool = True
+    encoding: Literal["json", "base64"] = "json"
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        given = [name for name in ("texts", "messages", "input_ids") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of 'texts', 'messages' and 'input_ids' (got {given or 'none'})")
+        return self
+
+
+class GroupRequest(_Strict):
+    """One prompt and n responses: the prompt runs once, the responses as one batch over its cache."""
+
+    prompt: str | None = None
+    prompt_ids: TokenIds | None = None
+    responses: list[str] | None = Field(default=None, min_length=1)
+    response_ids: list[TokenIds] | None = Field(default=None, min_length=1)
+    per_token: bool = True
+    encoding: Literal["json", "base64"] = "json"
+
+    @model_validator(mode="after")
+    def _one_each(self):
+        if (self.prompt is None) == (self.prompt_ids is None):
+            raise ValueError("give exactly one of 'prompt' and 'prompt_ids'")
+        if (self.responses is None) == (self.response_ids is None):
+            raise ValueError("give exactly one of 'responses' and 'response_ids'")
+        return self
+
+
+class SessionRequest(_Strict):
+    prompt: str | None = None
+    prompt_ids: TokenIds | None = None
+
+    @model_validator(mode="after")
+    def _one_prompt(self):
+        if (self.prompt is None) == (self.prompt_ids is None):
+            raise ValueError("give exactly one of 'prompt' and 'prompt_ids'")
+        return self
+
+
+class ScoreRequest(_Strict):
+    """K candidates: next tokens ``[5, 9]`` or chunks ``[[5, 6], [9]]``."""
+
+    candidates: list[int] | list[TokenIds] = Field(min_length=1)
+
+    @field_validator("candidates")
+    @classmethod
+    def _chunks(cls, value):
+        return [[c] if isinstance(c, int) else c for c in value]
+
+
+class AdvanceRequest(_Strict):
+    tokens: TokenIds = Field(min_length=1)
