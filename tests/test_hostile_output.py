@@ -327,3 +327,20 @@ def test_force_replaces_an_empty_folder_and_the_owner_marker_goes(tmp_path):
         (tmp / "a.txt").write_text("x")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_stale_rules_keep_what_cannot_be_proven_garbage(tmp_path):
+    """A partial without a readable marker, or one of another host, is kept; an `.old-*` (the previous output
+    of a replace cut short) is removed only when the output exists, and kept when it is all that is left."""
+    from vexport.artifact import remove_stale
+
+    unmarked = tmp_path / ".out.partial-unmarked"
+    unmarked.mkdir()
+    elsewhere = plant_partial(tmp_path, "out", dead_pid())
+    (elsewhere / OWNER_FILE).write_text(json.dumps({"pid": 1, "host": socket.gethostname() + "-elsewhere"}))
+    old = tmp_path / ".out.old-12345678"
+    old.mkdir()
+    assert remove_stale(tmp_path / "out") == [] and old.exists() and unmarked.exists() and elsewhere.exists()
+    (tmp_path / "out").mkdir()
+    assert remove_stale(tmp_path / "out") == [old] and not old.exists()
+    assert unmarked.exists() and elsewhere.exists()

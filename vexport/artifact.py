@@ -96,8 +96,9 @@ def staging_dir(output: str | os.PathLike, force: bool = False) -> Iterator[Path
             tmp.mkdir()
             _write_owner(tmp)
             yield tmp
-            (tmp / OWNER_FILE).unlink()
             _replace(tmp, output)
+            with contextlib.suppress(OSError):  # after the rename, so that a partial always names its owner
+                (output / OWNER_FILE).unlink()
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise VexportError(f"--output {output}: cannot write it ({_reason(exc)}); nothing was left behind") \
@@ -183,8 +184,8 @@ def remove_stale(output: Path) -> list[Path]:
     """Remove `.NAME.partial-*` siblings whose owner process (on this host) is gone; call under the lock.
 
     A partial with a live owner, an owner on another host or no readable marker is kept (its owner cannot
-    be proven gone). A `.NAME.old-*` sibling (an interrupted replace) is removed when OUTPUT exists, and
-    renamed back to OUTPUT when it does not. Returns what was removed.
+    be proven gone). A `.NAME.old-*` sibling (the previous OUTPUT of a replace that was cut short) is removed
+    when OUTPUT exists; when it does not, it is kept, with a warning naming it. Returns what was removed.
     """
     removed = []
     prefix = glob.escape(f".{output.name}")
@@ -196,13 +197,12 @@ def remove_stale(output: Path) -> list[Path]:
             log.info("removing %s, left by a vexport process (pid %d) that is gone", partial, owner["pid"])
             shutil.rmtree(partial, ignore_errors=True)
             removed.append(partial)
-    olds = sorted(output.parent.glob(f"{prefix}.old-*"), key=lambda p: p.lstat().st_mtime)
-    if olds and not (output.exists() or output.is_symlink()):
-        log.warning("restoring %s from %s (a replace was interrupted)", output, olds[-1])
-        os.rename(olds.pop(), output)
-    for old in olds:
-        _remove_tree(old)
-        removed.append(old)
+    for old in sorted(output.parent.glob(f"{prefix}.old-*")):
+        if output.exists() or output.is_symlink():
+            _remove_tree(old)
+            removed.append(old)
+        else:
+            log.warning("keeping %s: the previous %s, left by a replace that was cut short", old, output)
     return removed
 
 
@@ -229,7 +229,8 @@ def _alive(pid: int) -> bool:
 
 def _remove_tree(path: Path) -> None:
     if path.is_symlink():
-        path.unlink()
+        with contextlib.suppress(OSError):
+            path.unlink()
     else:
         shutil.rmtree(path, ignore_errors=True)
 

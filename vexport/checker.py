@@ -56,6 +56,10 @@ class CheckOutcome:
     reports: list[Path] = field(default_factory=list)  # the report files written
     records: list[Recorded] = field(default_factory=list)
 
+    @property
+    def passed(self) -> bool:
+        return self.result.passed
+
 
 @dataclass
 class ComparisonOutcome:

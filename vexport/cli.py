@@ -157,18 +157,17 @@ def check(
         outcome = check_many(artifacts, reference, **options)
         _print_comparison(outcome.report)
     _print_written(outcome)
-    raise typer.Exit(0 if (outcome.result.passed if len(artifacts) == 1 else outcome.passed) else 1)
+    raise typer.Exit(0 if outcome.passed else 1)
 
 
 def _print_written(outcome) -> None:
     """Where the reports went and whether each manifest.json now holds the parity summary."""
     for path in outcome.reports:
-        out.print(f"wrote report {path}", highlight=False, soft_wrap=True)
+        out.print(f"wrote report {path}", markup=False, highlight=False, soft_wrap=True)
     for note in outcome.records:
-        if note.error is None:
-            out.print(f"recorded parity in {note.manifest} (--no-record skips this)", highlight=False, soft_wrap=True)
-        else:
-            out.print(f"parity not recorded: {note.error}", highlight=False, soft_wrap=True)
+        line = (f"recorded parity in {note.manifest} (--no-record skips this)" if note.error is None
+                else f"parity not recorded: {note.error}")
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -278,7 +277,7 @@ def _print_vertical(title: str, header: list[str], rows: list) -> None:
     """The comparison as one block per row (the first cell its heading), for terminals narrower than the table."""
     from rich.text import Text
 
-    out.print(title, style="italic", highlight=False)
+    out.print(title, style="italic", markup=False, highlight=False)
     width = max(len(name) for name in header[1:])
     for row in rows:
         out.print(Text(row[0].text, style="bold"))
