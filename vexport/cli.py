@@ -75,7 +75,7 @@ def export(
     int8_activations: Annotated[bool, typer.Option("--int8-activations/--float-activations", help=(
         "ONNX from a GPTQ folder: int8 activations in MatMulNBits (default; faster on CPU, 0.2 dB of added "
         "error on a trained 135M model) or float compute (the checkpoint's exact numerics)."))] = True,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it is a vexport artifact or empty.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle (.bin) weights.")] = False,
     bits: Annotated[int, typer.Option("--bits", help="GPTQ: bits per weight (4).")] = 4,
     group_size: Annotated[int, typer.Option("--group-size", help="GPTQ: group size, -1 per channel.")] = 128,
