@@ -76,6 +76,7 @@ def test_force_replaces_output(tiny_model_dir, tmp_path):
     out = tmp_path / "onnx"
     out.mkdir()
     (out / "stale.txt").write_text("old")
+    (out / "manifest.json").write_text('{"manifest_version": 1, "format": "onnx"}')  # --force replaces artifacts only
     result = run_cli("export", tiny_model_dir, "--output", out, "--force", "--dtype", "float16")
     assert result.returncode == 0, result.stderr
     assert not (out / "stale.txt").exists()

@@ -15,7 +15,7 @@ import platform
 import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,7 +29,8 @@ from vexport.errors import InputError, VexportError
 from vexport.evalset import (EncodedSample, builtin_prompt_groups, encode_groups, long_context_samples,
                              read_prompt_groups)
 from vexport.manifest import MANIFEST_NAME, library_versions, now_iso, read_manifest
-from vexport.parity import ParityResult, compare, thresholds_for, worst_sequences
+from vexport.parity import STRICT_THRESHOLDS, ParityResult, Thresholds, compare, thresholds_for, worst_sequences
+from vexport.paths import refuse_overlap
 from vexport.progress import progress_bar
 from vexport.runtime import ValueModel, check_files, load
 
@@ -42,9 +43,23 @@ T = TypeVar("T")
 
 
 @dataclass
+class Recorded:
+    """An artifact's manifest.json and whether it now holds this check's parity summary (`error` says why not)."""
+
+    manifest: Path
+    error: str | None = None
+
+
+@dataclass
 class CheckOutcome:
     result: ParityResult
     report: dict[str, Any]
+    reports: list[Path] = field(default_factory=list)  # the report files written
+    records: list[Recorded] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.result.passed
 
 
 @dataclass
@@ -53,6 +68,8 @@ class ComparisonOutcome:
 
     results: list[ParityResult]
     report: dict[str, Any]
+    reports: list[Path] = field(default_factory=list)  # the report files written
+    records: list[Recorded] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -100,12 +117,13 @@ def check(artifact: str | os.PathLike, reference: str | os.PathLike, *, prompts:
 
     REPORT is one path or several: .json and .md get the one-artifact report, .html the comparison page.
     """
-    outcome = check_many([artifact], reference, prompts=prompts, thresholds=thresholds, device=device,
-                         batch_tokens=batch_tokens, record=record, allow_pickle=allow_pickle, seed=seed,
-                         progress=progress, verify_hashes=verify_hashes)
+    check_inputs([artifact], reference, report, thresholds)
+    outcome, pending = _compare_all([artifact], reference, prompts=prompts, thresholds=thresholds, device=device,
+                                    batch_tokens=batch_tokens, record=record, allow_pickle=allow_pickle, seed=seed,
+                                    progress=progress, verify_hashes=verify_hashes)
     single = single_report(outcome.report)
-    write_reports(report, outcome.report, single=single)
-    return CheckOutcome(outcome.results[0], single)
+    reports = write_reports(report, outcome.report, single=single)
+    return CheckOutcome(outcome.results[0], single, reports, record_parity(pending))
 
 
 def check_many(artifacts: Sequence[str | os.PathLike], reference: str | os.PathLike, *,
@@ -119,11 +137,37 @@ def check_many(artifacts: Sequence[str | os.PathLike], reference: str | os.PathL
     REPORT (.json, .md, .html; one path or several) gets the comparison report; with `record` each
     artifact's manifest.json keeps its parity summary. `seed` seeds torch and the plots' token sample
     (scoring itself draws no random numbers). Each artifact's files are verified against its manifest up front
-    (sizes always, sha256 unless `verify_hashes` is False).
+    (sizes always, sha256 unless `verify_hashes` is False). The manifests are written last, after the reports:
+    a run that fails records nothing.
     """
+    check_inputs(artifacts, reference, report, thresholds)
+    outcome, pending = _compare_all(artifacts, reference, prompts=prompts, thresholds=thresholds, device=device,
+                                    batch_tokens=batch_tokens, record=record, allow_pickle=allow_pickle, seed=seed,
+                                    progress=progress, verify_hashes=verify_hashes)
+    outcome.reports = write_reports(report, outcome.report)
+    outcome.records = record_parity(pending)
+    return outcome
+
+
+def check_inputs(artifacts: Sequence[str | os.PathLike], reference: str | os.PathLike, report: ReportPaths,
+                 thresholds: Mapping[str, float] | None) -> None:
+    """Everything that can be refused before any work: no artifact, a bad threshold, a bad report path, or a
+    report path that is, holds or lies inside an artifact or the reference."""
     if not artifacts:
         raise InputError("give at least one artifact to check")
-    report_paths(report)  # a bad --report fails before any work
+    try:
+        STRICT_THRESHOLDS.replace(**dict(thresholds or {}))
+    except VexportError as exc:  # an unknown key or a value that is not a number
+        raise VexportError(f"--threshold: {exc}") from None
+    for path in report_paths(report):
+        refuse_overlap(path, [*artifacts, reference], flag="--report")
+
+
+def _compare_all(artifacts: Sequence[str | os.PathLike], reference: str | os.PathLike, *,
+                 prompts: str | os.PathLike | None, thresholds: dict[str, float] | None, device: str | None,
+                 batch_tokens: int, record: bool, allow_pickle: bool, seed: int, progress: bool,
+                 verify_hashes: bool) -> tuple[ComparisonOutcome, list[tuple[Path, Any, dict[str, Any]]]]:
+    """Run the comparison; return it and the parity summaries to record (nothing is written here)."""
     created = now_iso()
     torch.manual_seed(seed)
     groups, evalset = (read_prompt_groups(prompts), str(prompts)) if prompts else (builtin_prompt_groups(), "builtin")
@@ -137,20 +181,20 @@ def check_many(artifacts: Sequence[str | os.PathLike], reference: str | os.PathL
     stamp = {"reference": _reference_identity(reference, ref), "evalset": evalset, "checked": created}
     run = _Run(samples, batches, _pad_id(ref), ref, ref_scored.values, thresholds, device, seed,
                stamp if record else None, progress)
-    entries, results = [], []
+    entries, results, pending = [], [], []
     for label, artifact in zip(artifact_labels(artifacts), artifacts):
-        entry, result = _check_one(run, label, artifact)
+        entry, result, summary = _check_one(run, label, artifact)
         entries.append(entry)
         results.append(result)
+        pending += [summary] if summary is not None else []
     ref_entry = _reference_entry(reference, ref, ref_load, ref_scored.timing(samples, batches))
     doc = _comparison_report(created, artifacts, ref_entry, settings, entries, device=ref.device)
     _validate(doc)
-    write_reports(report, doc)
-    return ComparisonOutcome(results, doc)
+    return ComparisonOutcome(results, doc), pending
 
 
-def _check_one(run: _Run, label: str, artifact: str | os.PathLike) -> tuple[dict[str, Any], ParityResult]:
-    """Load, time and score one candidate, compare it with the reference, record the summary."""
+def _check_one(run: _Run, label: str, artifact: str | os.PathLike) -> tuple[dict[str, Any], ParityResult, Any]:
+    """Load, time and score one candidate and compare it with the reference; the summary to record, if any."""
     from vexport.report.figures import figure_data
 
     candidate, load_seconds = _timed(lambda: load(artifact, device=run.device, verify_hashes=False))  # verified
@@ -165,10 +209,40 @@ def _check_one(run: _Run, label: str, artifact: str | os.PathLike) -> tuple[dict
         "worst": worst_rows(run.samples, run.ref_values, scored.values),
         "figures": figure_data(run.ref_values, scored.values, seed=run.seed),
     }
+    summary = None
     if run.record is not None and candidate.manifest is not None:
-        candidate.manifest.parity = {**result.summary(), **run.record}
-        candidate.manifest.write(Path(artifact))
-    return entry, result
+        defaults = thresholds_for(candidate.format, _compared_precision(run.ref, candidate))
+        parity = {**result.summary(), **run.record, "thresholds": limits.to_dict(),
+                  "loosened": loosened(limits, defaults)}
+        summary = (Path(artifact), candidate.manifest, parity)
+    return entry, result, summary
+
+
+def loosened(limits: Thresholds, defaults: Thresholds) -> list[str]:
+    """The limits in LIMITS looser than DEFAULTS, as 'sqnr_db>=20' (metric, comparison, limit)."""
+    out = []
+    for name, value in limits.to_dict().items():
+        default = getattr(defaults, name)
+        if name.startswith("min_") and value is not None and default is not None and value < default:
+            out.append(f"{name[4:]}>={value:g}")
+        elif name.startswith("max_") and default is not None and (value is None or value > default):
+            out.append(f"{name}<=" + ("none" if value is None else f"{value:g}"))
+    return out
+
+
+def record_parity(pending: Sequence[tuple[Path, Any, dict[str, Any]]]) -> list[Recorded]:
+    """Write each parity summary into its artifact's manifest.json; a manifest that cannot be written (a
+    read-only artifact) is skipped, with the reason."""
+    notes = []
+    for folder, manifest, parity in {os.path.realpath(p[0]): p for p in pending}.values():  # a folder given twice
+        manifest.parity = parity
+        try:
+            notes.append(Recorded(manifest.write(folder)))
+        except OSError as exc:
+            reason = f"{folder / MANIFEST_NAME} is not writable ({exc.strerror or exc})"
+            log.warning("parity not recorded: %s", reason)
+            notes.append(Recorded(folder / MANIFEST_NAME, reason))
+    return notes
 
 
 def score(model: ValueModel, samples: Sequence[EncodedSample], batches: Sequence[Sequence[int]], pad_id: int,
@@ -432,10 +506,13 @@ def report_paths(paths: ReportPaths) -> list[Path]:
     return [check_report_path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
 
 
-def write_reports(paths: ReportPaths, comparison: Mapping[str, Any], single: Mapping[str, Any] | None = None) -> None:
+def write_reports(paths: ReportPaths, comparison: Mapping[str, Any],
+                  single: Mapping[str, Any] | None = None) -> list[Path]:
     """Write every report path: HTML always gets the comparison; JSON/Markdown get SINGLE when given."""
     from vexport.report import write_report
 
+    written = []
     for path in report_paths(paths):
         html = path.suffix.lower() == ".html"
-        write_report(path, comparison if single is None or html else single)
+        written.append(write_report(path, comparison if single is None or html else single))
+    return written

@@ -119,7 +119,7 @@ def export(
     int8_activations: Annotated[bool, typer.Option("--int8-activations/--float-activations", help=(
         "ONNX from a GPTQ folder: int8 activations in MatMulNBits (default; faster on CPU, 0.2 dB of added "
         "error on a trained 135M model) or float compute (the checkpoint's exact numerics)."))] = True,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it is a vexport artifact or empty.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle (.bin) weights.")] = False,
     bits: Annotated[int, typer.Option("--bits", help="GPTQ: bits per weight (4).")] = 4,
     group_size: Annotated[int, typer.Option("--group-size", help="GPTQ: group size, -1 per channel.")] = 128,
@@ -185,6 +185,8 @@ def check(
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle (.bin) reference weights.")] = False,
     verify_hashes: Annotated[bool, typer.Option("--verify-hashes/--no-verify-hashes",
                                                 help="Check each artifact file's sha256 (sizes are always checked).")] = True,
+    record: Annotated[bool, typer.Option("--record/--no-record", help=(
+        "Record the verdict as `parity` in each artifact's manifest.json (--no-record writes nothing there)."))] = True,
 ):
     """Compare each artifact DIR with the reference on real tokens; the reference runs once.
 
@@ -194,14 +196,26 @@ def check(
     from vexport.checker import check_many
 
     options = dict(prompts=prompts, thresholds=_overrides(threshold), device=device, batch_tokens=batch_tokens,
-                   report=report, allow_pickle=allow_pickle, seed=seed, progress=True, verify_hashes=verify_hashes)
+                   report=report, record=record, allow_pickle=allow_pickle, seed=seed, progress=True,
+                   verify_hashes=verify_hashes)
     if len(artifacts) == 1:
         outcome = check_one(artifacts[0], reference, **options)
         _print_check(outcome)
-        raise typer.Exit(0 if outcome.result.passed else 1)
-    comparison = check_many(artifacts, reference, **options)
-    _print_comparison(comparison.report)
-    raise typer.Exit(0 if comparison.passed else 1)
+    else:
+        outcome = check_many(artifacts, reference, **options)
+        _print_comparison(outcome.report)
+    _print_written(outcome)
+    raise typer.Exit(0 if outcome.passed else 1)
+
+
+def _print_written(outcome) -> None:
+    """Where the reports went and whether each manifest.json now holds the parity summary."""
+    for path in outcome.reports:
+        out.print(f"wrote report {path}", markup=False, highlight=False, soft_wrap=True)
+    for note in outcome.records:
+        line = (f"recorded parity in {note.manifest} (--no-record skips this)" if note.error is None
+                else f"parity not recorded: {note.error}")
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -236,7 +250,10 @@ def _parity_line(parity: dict | None) -> str:
     if not parity:
         return "not checked (run vexport check)"
     verdict = "PASS" if parity.get("passed") else "FAIL"
-    figures = ", ".join(f"{k} {v}" for k, v in parity.items() if k not in ("passed", "reference", "checked", "evalset"))
+    if isinstance(parity.get("loosened"), list) and parity["loosened"]:
+        verdict += f" (loosened: {', '.join(map(str, parity['loosened']))})"
+    hidden = ("passed", "reference", "checked", "evalset", "thresholds", "loosened")
+    figures = ", ".join(f"{k} {v}" for k, v in parity.items() if k not in hidden)
     return f"{verdict}: {figures}"
 
 
@@ -283,19 +300,37 @@ def _print_comparison(doc: dict) -> None:
     from vexport.report.summary import HEADER, summary_rows
 
     ref = doc["reference"]
-    table = Table(title=f"{len(doc['artifacts'])} artifacts vs reference ({ref['description']})")
+    title = f"{len(doc['artifacts'])} artifacts vs reference ({ref['description']})"
     keep = [HEADER.index(name) for name in _COMPARISON_COLUMNS]
-    for index in keep:
-        table.add_column(HEADER[index])
-    for row in summary_rows(doc):
-        table.add_row(*(Text(row[i].text, style="red" if row[i].status == "fail" else "") for i in keep))
-    out.print(table)
+    rows = [[row[i] for i in keep] for row in summary_rows(doc)]
+    widths = [max(len(HEADER[i]), *(len(row[n].text) for row in rows)) for n, i in enumerate(keep)]
+    if sum(widths) + 3 * len(widths) + 1 > out.width:  # too narrow for the table: one block per row
+        _print_vertical(title, [HEADER[i] for i in keep], rows)
+    else:
+        table = Table(title=title)
+        for index in keep:
+            table.add_column(HEADER[index])
+        for row in rows:
+            table.add_row(*(Text(cell.text, style="red" if cell.status == "fail" else "") for cell in row))
+        out.print(table)
     out.print(f"{doc['evalset']['sequences']} sequences, {doc['evalset']['tokens']} tokens "
               f"({doc['evalset']['name']} evaluation set), seed {doc['seed']}")
     for entry in doc["artifacts"]:
         for failure in entry["parity"]["failures"]:
             out.print(f"[red]fail:[/] {entry['label']}: {failure}", highlight=False)
     out.print("[bold green]PASS[/]" if doc["passed"] else "[bold red]FAIL[/]")
+
+
+def _print_vertical(title: str, header: list[str], rows: list) -> None:
+    """The comparison as one block per row (the first cell its heading), for terminals narrower than the table."""
+    from rich.text import Text
+
+    out.print(title, style="italic", markup=False, highlight=False)
+    width = max(len(name) for name in header[1:])
+    for row in rows:
+        out.print(Text(row[0].text, style="bold"))
+        for name, cell in zip(header[1:], row[1:]):
+            out.print(Text(f"  {name:<{width}}  ") + Text(cell.text, style="red" if cell.status == "fail" else ""))
 
 
 def _fmt(value) -> str:

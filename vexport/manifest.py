@@ -48,8 +48,13 @@ class Manifest:
         """Write atomically (temp file + rename), so a reader never sees half a manifest."""
         path = Path(folder) / MANIFEST_NAME
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, path)
+        except OSError:
+            if tmp.is_file():  # a full disk: no half-written temporary file is left beside the manifest
+                tmp.unlink()
+            raise
         return path
 
 

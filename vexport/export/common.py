@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from vexport.artifact import OWNER_FILE
 from vexport.manifest import Manifest, file_entry, library_versions, now_iso
 from vexport.model import ModelSource
 from vexport.progress import progress_bar
@@ -60,7 +61,8 @@ def write_manifest(folder: Path, fmt: str, precision: str, source: ModelSource, 
                    progress: bool = False) -> Manifest:
     """Hash every file in FOLDER and write manifest.json last: its presence marks a complete artifact."""
     inputs, outputs = io_spec
-    files = {p.name: file_entry(p, _role(p.name)) for p in sorted(folder.iterdir()) if p.is_file()}
+    files = {p.name: file_entry(p, _role(p.name)) for p in sorted(folder.iterdir())
+             if p.is_file() and p.name != OWNER_FILE}  # the staging folder's owner marker is not the artifact's
     manifest = Manifest(format=fmt, precision=precision, source=source_summary(source, progress),
                         model=model_summary(source.config), inputs=inputs, outputs=outputs, files=files,
                         format_options=options, versions=library_versions(), created=now_iso())

@@ -28,7 +28,7 @@ def export_gptq(model: str | os.PathLike, output: str | os.PathLike, options: GP
     from vexport.quant.checkpoint import ShardWriter, gptq_quantization_config, write_gptq_config
 
     output = Path(output)
-    check_output(output, force)
+    check_output(output, force, inputs=(model, calibration))
     _check_options(options)
     source = open_model(model, allow_pickle=allow_pickle)
     if source.pickle:

@@ -55,7 +55,7 @@ def export_onnx(model: str | os.PathLike, output: str | os.PathLike, dtype: str 
     if dtype not in _TORCH_DTYPE:
         raise VexportError(f"--dtype {dtype} is not supported for onnx (choose float32 or float16)")
     output = Path(output)
-    check_output(output, force)
+    check_output(output, force, inputs=(model,))
     source = open_model(model, allow_pickle=allow_pickle)
     # --- int4: a GPTQ source folder gives MatMulNBits Linears (export/onnx_int4.py) ---
     int4 = MatMulNBitsEmitter(source, int4_accuracy_level) if is_gptq_config(source.config) else None

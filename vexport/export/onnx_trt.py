@@ -47,7 +47,7 @@ def export_tensorrt_onnx(model: str | os.PathLike, output: str | os.PathLike, dt
     if dtype not in _TORCH_DTYPE:
         raise VexportError(f"dtype {dtype} is not supported for the TensorRT-bound ONNX (float32 or float16)")
     output = Path(output)
-    check_output(output, force)
+    check_output(output, force, inputs=(model,))
     source = open_model(model)
     int4 = BlockedDequantEmitter(source) if is_gptq_config(source.config) else None
     graph, weights = build_graph(source.config, dtype, source.score_has_bias, linear=int4, head=folded_head)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vexport.artifact import check_output, staging_dir
+from vexport.artifact import OWNER_FILE, check_output, staging_dir
 from vexport.errors import MissingDependencyError, VexportError
 from vexport.export.common import copy_support_files
 from vexport.export.onnx import GRAPH_FILE
@@ -94,7 +94,7 @@ def build_engine(model_or_onnx: str | os.PathLike, output: str | os.PathLike, *,
     trt = require_tensorrt()
     profile.check(None)  # the order of the shapes now; max_position_embeddings once the config is read
     output = Path(output)
-    check_output(output, force)
+    check_output(output, force, inputs=(model_or_onnx, reference))
     cache = (output / TIMING_CACHE_FILE).read_bytes() if (output / TIMING_CACHE_FILE).is_file() else b""
     with staging_dir(output, force) as tmp:
         onnx_dir, reference = _trt_onnx(model_or_onnx, tmp / ONNX_SUBDIR, fp16, int4, reference, progress)
@@ -189,7 +189,8 @@ def inspect_layers(engine) -> list[str]:
 
 def _write_engine_manifest(folder: Path, onnx_manifest: Manifest, profile: ShapeProfile, parity: dict,
                            onnx_dir: Path) -> None:
-    files = {p.name: file_entry(p, _role(p.name)) for p in sorted(folder.iterdir()) if p.is_file()}
+    files = {p.name: file_entry(p, _role(p.name)) for p in sorted(folder.iterdir())
+             if p.is_file() and p.name != OWNER_FILE}
     options = {"engine": ENGINE_FILE, "timing_cache": TIMING_CACHE_FILE, "layers": LAYERS_FILE,
                "onnx": ONNX_SUBDIR if onnx_dir.parent == folder else str(onnx_dir), "onnx_parity": parity, "strongly_typed": True,
                "profile": {"min": list(profile.min), "opt": list(profile.opt), "max": list(profile.max)},
