@@ -27,7 +27,7 @@ from vexport import __version__
 from vexport.batching import pad_batch, token_budget_batches, unpad
 from vexport.errors import InputError, VexportError
 from vexport.evalset import EncodedSample, builtin_prompt_groups, encode_groups, read_prompt_groups
-from vexport.manifest import MANIFEST_NAME, library_versions, now_iso, read_manifest
+from vexport.manifest import is_artifact, library_versions, now_iso, read_manifest
 from vexport.parity import ParityResult, compare, thresholds_for, worst_sequences
 from vexport.progress import progress_bar
 from vexport.runtime import ValueModel, check_files, load
@@ -239,7 +239,7 @@ def _tokenizer_of(artifact: str | os.PathLike, allow_pickle: bool, verify_hashes
     from vexport.model import load_config, open_model
 
     path = Path(artifact).expanduser()
-    if path.is_dir() and (path / MANIFEST_NAME).is_file():
+    if is_artifact(path):
         check_files(path, read_manifest(path), verify_hashes, progress)
         config = load_config(path)
     else:
