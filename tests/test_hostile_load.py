@@ -261,12 +261,13 @@ def test_cli_device_and_foreign_folders(folders, foreign, tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"id": 1, "text": "the cat sat"}) + "\n")
     out = tmp_path / "out"
-    # the real `python -m vexport` once: a misspelt device on export, before any work
-    done = run_cli("export", folders["torch"], "--output", out / "export", "--device", "cdua")
-    _one_error_line({"rc": done.returncode, "stderr": done.stderr}, r"^error: --device 'cdua' is not a device "
-                    r"\(available here: cpu", "export --device cdua")
+    # the real `python -m vexport` once (info: the lightest command), then the rest in one interpreter
+    done = run_cli("info", foreign["no-manifest"])
+    _one_error_line({"rc": done.returncode, "stderr": done.stderr}, "^error: .*" + MESSAGES["no-manifest"], "info")
     device = r"^error: --device {}: this machine has .* \(available here: cpu".format(ABSENT_GPU)
     cases = {  # what: (argv, the error line)
+        "export --device cdua": (["export", folders["torch"], "-o", out / "e0", "--device", "cdua"],
+                                 r"^error: --device 'cdua' is not a device \(available here: cpu"),
         "check --device": (["check", folders["onnx"], "-r", folders["torch"], "--device", ABSENT_GPU], device),
         "score --device": (["score", folders["onnx"], "-i", rows, "-o", out / "s0", "--device", "cdua"],
                            r"^error: --device 'cdua' is not a device"),
@@ -277,9 +278,10 @@ def test_cli_device_and_foreign_folders(folders, foreign, tmp_path):
         error = "^error: .*" + pattern.removesuffix("$")
         cases[f"check {kind}"] = (["check", foreign[kind], "-r", folders["torch"], "--no-verify-hashes"], error)
         cases[f"score {kind}"] = (["score", foreign[kind], "-i", rows, "-o", out / kind], error)
-        if kind not in ("graph", "gptq-no-manifest"):  # info reads the manifest only, not the graph nor weights
+        if kind not in ("graph", "gptq-no-manifest", "no-manifest"):  # info reads no graph (no-manifest: above)
             cases[f"info {kind}"] = (["info", foreign[kind]], error)
     results = run_cli_batch([[str(a) for a in argv] for argv, _ in cases.values()], cwd=tmp_path)
     for (what, (_, pattern)), result in zip(cases.items(), results):
         _one_error_line(result, pattern, what)
     assert not out.exists() or sorted(p.name for p in out.iterdir()) == [], "a refused command wrote its output"
+

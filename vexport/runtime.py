@@ -148,7 +148,7 @@ class ValueModel:
         out = torch.zeros(shape, dtype=dtype, device=self.device)
         if ids.numel() and bool(live.any()):
             rows = live.nonzero()[:, 0]
-            out[rows.to(out.device)] = run(ids[rows], mask[rows]).to(out.device, out.dtype)
+            out[rows.to(out.device)] = run(ids[rows.to(ids.device)], mask[rows]).to(out.device, out.dtype)
         return out
 
     def _inputs(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,13 +301,13 @@ def check_files(path: Path, manifest: Manifest, verify_hashes: bool = True, prog
     from vexport.safety import HASH_LOG_BYTES, check_entries, inside, is_weight_file, verify_file
 
     check_entries(path)
-    check_format_files(path, manifest)
     files = {name: inside(path, name, MANIFEST_NAME) for name in manifest.files}
     for key in ("graph", "engine"):  # the file a backend opens must be one of the listed (and so verified) files
         name = manifest.format_options.get(key)
         if name is not None and (not isinstance(name, str) or name not in manifest.files):
             raise ManifestError(f"{path / MANIFEST_NAME}: format_options.{key} {str(name)[:100]!r} is not a file "
                                 "the manifest lists")
+    check_format_files(path, manifest)
     unlisted = sorted(name for name in os.listdir(path) if is_weight_file(name) and name not in manifest.files)
     if unlisted:
         raise ManifestError(f"{path / unlisted[0]} is a weight file that {path / MANIFEST_NAME} does not list: "
