@@ -278,7 +278,7 @@ def test_cli_device_and_foreign_folders(folders, foreign, tmp_path):
         error = "^error: .*" + pattern.removesuffix("$")
         cases[f"check {kind}"] = (["check", foreign[kind], "-r", folders["torch"], "--no-verify-hashes"], error)
         cases[f"score {kind}"] = (["score", foreign[kind], "-i", rows, "-o", out / kind], error)
-        if kind not in ("graph", "gptq-no-manifest", "no-manifest"):  # info reads no graph (no-manifest: above)
+        if kind not in ("graph", "no-manifest"):  # info reads no graph (and no-manifest ran above)
             cases[f"info {kind}"] = (["info", foreign[kind]], error)
     results = run_cli_batch([[str(a) for a in argv] for argv, _ in cases.values()], cwd=tmp_path)
     for (what, (_, pattern)), result in zip(cases.items(), results):
