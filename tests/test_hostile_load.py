@@ -126,6 +126,9 @@ def test_mask_values_other_than_zero_and_one_are_refused(models, bad, shown):
                      lambda i, m, model=models[name]: model(input_ids=i, attention_mask=m)):
             with pytest.raises(InputError, match="^attention_mask has " + re.escape(shown)):
                 call(ids, mask)
+    for name in ("torch", "gptq"):  # a KV-cached call (the torch backends) checks its mask's values too
+        with pytest.raises(InputError, match="^attention_mask has " + re.escape(shown)):
+            models[name](input_ids=ids, attention_mask=mask, use_cache=True)
 
 
 @pytest.mark.parametrize("ids, mask, message", [

@@ -90,6 +90,8 @@ class ValueModel:
         if len(passed) > 1:
             raise InputError("pass the KV cache as past_key_values or as cache, not both")
         ids, _ = self._inputs(input_ids, None)
+        if attention_mask is not None:  # it spans the cached and the new tokens: only its values are checked here
+            _check_mask(_as_tensor(attention_mask, "attention_mask"))
         return forward_with_cache(self, ids, attention_mask, kwargs[passed[0]] if passed else None)
 
     def session(self, prompt_ids, attention_mask=None):
@@ -184,8 +186,8 @@ def _check_mask(mask: torch.Tensor) -> None:
         raise InputError(f"attention_mask must hold 0 and 1, got a {mask.dtype} tensor")
     bad = (mask != 0) & (mask != 1)
     if bool(bad.any()):
-        row, col = (int(i) for i in bad.nonzero()[0])
-        raise InputError(f"attention_mask has value {mask[row, col].item()} at [{row}, {col}]: "
+        at = tuple(int(i) for i in bad.nonzero()[0])
+        raise InputError(f"attention_mask has value {mask[at].item()} at [{', '.join(map(str, at))}]: "
                          "only 0 (padding) and 1 (a real token) are allowed")
 
 
