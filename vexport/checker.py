@@ -28,7 +28,7 @@ from vexport.batching import pad_batch, token_budget_batches, unpad
 from vexport.errors import InputError, VexportError
 from vexport.evalset import (EncodedSample, builtin_prompt_groups, encode_groups, long_context_samples,
                              read_prompt_groups)
-from vexport.manifest import MANIFEST_NAME, library_versions, now_iso, read_manifest
+from vexport.manifest import MANIFEST_NAME, is_artifact, library_versions, now_iso, read_manifest
 from vexport.parity import STRICT_THRESHOLDS, ParityResult, Thresholds, compare, thresholds_for, worst_sequences
 from vexport.paths import refuse_overlap
 from vexport.progress import progress_bar
@@ -316,7 +316,7 @@ def _tokenizer_of(artifact: str | os.PathLike, allow_pickle: bool, verify_hashes
     from vexport.model import load_config, open_model
 
     path = Path(artifact).expanduser()
-    if path.is_dir() and (path / MANIFEST_NAME).is_file():
+    if is_artifact(path):
         check_files(path, read_manifest(path), verify_hashes, progress)
         config = load_config(path)
     else:

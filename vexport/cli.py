@@ -95,6 +95,13 @@ def _command(fn):
     return wrapper
 
 
+def _check_device(device: str | None) -> None:
+    """--device of every command: a device this machine has, or one line naming the flag (exit 2)."""
+    from vexport.runtime import check_device
+
+    check_device(device, "--device")
+
+
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what the library does.")] = False):
     from rich.logging import RichHandler
@@ -146,6 +153,7 @@ def export(
     from vexport.model import check_model_name
 
     check_model_name(model)  # a mistyped path fails before torch and transformers are imported
+    _check_device(device)
     if format is Format.tensorrt:
         from vexport.export.tensorrt import ShapeProfile, build_engine, parse_shape
 
@@ -192,6 +200,7 @@ def check(
 
     Exit 0: all pass, 1: any fails, 2: bad input.
     """
+    _check_device(device)
     from vexport.checker import check as check_one
     from vexport.checker import check_many
 
@@ -222,9 +231,10 @@ def _print_written(outcome) -> None:
 @_command
 def info(artifact: Annotated[Path, typer.Argument(help="Artifact folder.")]):
     """Show what an artifact's manifest.json says."""
-    from vexport.manifest import read_manifest
+    from vexport.manifest import check_format_files, read_manifest
 
     manifest = read_manifest(artifact)
+    check_format_files(artifact, manifest)  # a manifest naming another format than the files is said so
     table = Table(title=f"{artifact}", show_header=False)
     for key, value in _info_rows(manifest):
         table.add_row(key, value)
@@ -361,6 +371,7 @@ def score(
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda if present).")] = None,
 ):
     """Score every row of INPUT with MODEL into Parquet parts in OUTPUT (resumable; exit 2 on bad input)."""
+    _check_device(device)
     from vexport.scoring import score as run_score
 
     try:

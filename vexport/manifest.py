@@ -58,11 +58,85 @@ class Manifest:
         return path
 
 
+# Files only an export writes: a folder holding one of them but no manifest.json is a broken artifact, never a
+# Hugging Face model.
+_EXPORTED_FILES = {"onnx": ("*.onnx",), "tensorrt": ("*.engine", "*.plan")}
+_FORMAT_NAMES = {"onnx": "an ONNX graph", "tensorrt": "a TensorRT engine", "gptq": "GPTQ weights"}
+
+
+def is_artifact(folder: str | os.PathLike) -> bool:
+    """Whether FOLDER is a vexport artifact (it has manifest.json): the one place that decides it, for
+    ``load``, ``check`` and ``score`` alike (everything else is read as a Hugging Face model).
+
+    A folder with exported files (an ONNX graph, a TensorRT engine) but no manifest.json raises ManifestError
+    saying so, rather than being read as a Hugging Face model that lacks its weights; so does a GPTQ
+    checkpoint without one, which nothing here could run as a model (export reads it through ``open_model``).
+    """
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        return False
+    if (path / MANIFEST_NAME).is_file():
+        return True
+    if _exported_files(path) or _declares_gptq(path):
+        raise ManifestError(_no_manifest(path))
+    return False
+
+
+def _declares_gptq(path: Path) -> bool:
+    """config.json has quantization_config.quant_method 'gptq' (an odd or unreadable config is left to model.py,
+    which checks links and files before it reads them: a link is not followed here)."""
+    file = path / "config.json"
+    try:
+        if file.is_symlink() or not file.is_file() or file.stat().st_size > MAX_MANIFEST_BYTES:
+            return False
+        config = json.loads(file.read_text(encoding="utf-8"))
+        return str(config["quantization_config"]["quant_method"]).lower() == "gptq"
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError):
+        return False
+
+
+def _exported_files(path: Path) -> list[Path]:
+    return sorted(file for patterns in _EXPORTED_FILES.values() for pattern in patterns for file in path.glob(pattern))
+
+
+def _no_manifest(folder: str | os.PathLike) -> str:
+    """What a folder without manifest.json is told, by ``is_artifact`` and ``read_manifest`` alike."""
+    found = _exported_files(Path(folder))
+    if found:
+        return (f"{folder} has {found[0].name} but no {MANIFEST_NAME}: not a complete vexport artifact "
+                "(export it again; the loader reads only what the manifest records)")
+    if _declares_gptq(Path(folder)):
+        return (f"{folder} is a GPTQ checkpoint with no {MANIFEST_NAME}: vexport runs the GPTQ folders it exports "
+                "(vexport export MODEL --format gptq); export this one with --format onnx to run it")
+    return f"{folder} has no {MANIFEST_NAME}: not a vexport artifact folder"
+
+
+def check_format_files(folder: str | os.PathLike, manifest: Manifest) -> None:
+    """The files the manifest lists must be those of its format (an ONNX graph, an engine, safetensors weights);
+    a manifest naming another format than the files present says which format they are."""
+    path = Path(folder)
+    listed = list(manifest.files)
+    needs = {"onnx": manifest.format_options.get("graph"), "tensorrt": manifest.format_options.get("engine"),
+             "gptq": next((name for name in listed if name.endswith(".safetensors")), None)}
+    if manifest.format not in needs or (isinstance(needs[manifest.format], str) and needs[manifest.format] in listed):
+        return
+    present = [(kind, name) for kind, name in needs.items() if kind != manifest.format and name in listed]
+    present += [(kind, file.name) for kind, patterns in _EXPORTED_FILES.items() if kind != manifest.format
+                for pattern in patterns for file in sorted(path.glob(pattern))]
+    holds = f"holds {_FORMAT_NAMES[present[0][0]]} ({present[0][1]})" if present else "lists none of its files"
+    raise ManifestError(f"{path / MANIFEST_NAME} says format {manifest.format!r}, but the folder {holds}: "
+                        f"the manifest does not describe this folder")
+
+
 def read_manifest(folder: str | os.PathLike) -> Manifest:
     """Read and validate DIR/manifest.json; every problem is a one-line ManifestError naming the file."""
     path = Path(folder) / MANIFEST_NAME
+    if not Path(folder).exists():
+        raise ManifestError(f"{folder} does not exist")
+    if not Path(folder).is_dir():
+        raise ManifestError(f"{folder} is a file, not an artifact folder")
     if not path.is_file():
-        raise ManifestError(f"{folder} has no {MANIFEST_NAME}: not a vexport artifact folder")
+        raise ManifestError(_no_manifest(folder))
     if path.stat().st_size > MAX_MANIFEST_BYTES:
         raise ManifestError(f"{path} is {path.stat().st_size} bytes, more than a manifest can be")
     try:

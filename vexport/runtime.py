@@ -2,6 +2,11 @@
 
 The backend is chosen from manifest.json alone; a plain Hugging Face folder or hub id gives the reference
 torch backend. Every backend is a runner with ``logits(input_ids, attention_mask) -> [B, T, 1]``.
+
+Inputs are checked here, once, above every backend (``ValueModel._inputs``): input_ids an integer [B, T] tensor
+of ids inside the vocabulary, attention_mask of the same shape holding only 0 and 1. Rows with no real token
+(an all-zero mask row, every row of a [B, 0] or [0, T] batch) are never run: their logits and values are 0
+(``_run_rows``), so an empty batch returns an empty result of the right shape on every backend.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import torch
 from transformers.modeling_outputs import TokenClassifierOutput
 
 from vexport.errors import InputError, ManifestError
-from vexport.manifest import MANIFEST_NAME, Manifest, read_manifest
+from vexport.manifest import MANIFEST_NAME, Manifest, check_format_files, is_artifact, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +69,8 @@ class ValueModel:
         if self._wants_cache(kwargs):
             return self._call_with_cache(input_ids, attention_mask, kwargs)
         ids, mask = self._inputs(input_ids, attention_mask)
-        logits = self.runner.logits(ids, mask).to(self.device)
+        dtype = getattr(self.runner, "dtype", torch.float32)  # the torch runners' logits are in the model dtype
+        logits = self._run_rows(ids, mask, lambda i, m: self.runner.logits(i, m).to(self.device), (1,), dtype)
         return TokenClassifierOutput(logits=logits)
 
     forward = __call__
@@ -84,6 +90,8 @@ class ValueModel:
         if len(passed) > 1:
             raise InputError("pass the KV cache as past_key_values or as cache, not both")
         ids, _ = self._inputs(input_ids, None)
+        if attention_mask is not None:  # it spans the cached and the new tokens: only its values are checked here
+            _check_mask(_as_tensor(attention_mask, "attention_mask"))
         return forward_with_cache(self, ids, attention_mask, kwargs[passed[0]] if passed else None)
 
     def session(self, prompt_ids, attention_mask=None):
@@ -101,8 +109,11 @@ class ValueModel:
     # --- end decoding ---
 
     def values(self, input_ids, attention_mask=None) -> torch.Tensor:
-        """float32 [B, T]: the value of every token; padding positions are 0."""
+        """float32 [B, T]: the value of every token; padding positions are 0 (a row with no real token is 0)."""
         ids, mask = self._inputs(input_ids, attention_mask)
+        return self._run_rows(ids, mask, self._values, (), torch.float32)
+
+    def _values(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if hasattr(self.runner, "values"):  # torch backends: the fused head on CUDA (vexport/head.py)
             values = self.runner.values(ids, mask).to(self.device)
         else:
@@ -110,26 +121,49 @@ class ValueModel:
         return values * mask.to(values.device)
 
     def sequence_values(self, input_ids, attention_mask=None) -> torch.Tensor:
-        """float32 [B]: the value of each sequence, read at its last real token (any padding side)."""
+        """float32 [B]: the value of each sequence, read at its last real token (any padding side); 0 for a row
+        with no real token."""
         ids, mask = self._inputs(input_ids, attention_mask)
+        return self._run_rows(ids, mask, self._sequence_values, None, torch.float32)
+
+    def _sequence_values(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if hasattr(self.runner, "values"):  # torch backends: the head runs at the last tokens only
             from vexport.head import last_token_index
 
             return self.runner.values(ids, mask, index=last_token_index(mask)).to(self.device)
-        values = self.values(ids, mask)
+        values = self._values(ids, mask)
         positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
         last = torch.where(mask.bool(), positions, -1).amax(dim=1).clamp_min(0)
         return values.gather(1, last.to(values.device)[:, None])[:, 0]
 
+    def _run_rows(self, ids: torch.Tensor, mask: torch.Tensor, run, tail: tuple[int, ...] | None,
+                  dtype: torch.dtype) -> torch.Tensor:
+        """RUN(ids, mask) over the rows that have a real token; the others (and an empty batch) are 0.
+
+        The result is [B] for ``tail=None``, else [B, T, *tail]. No backend ever sees an empty batch, an empty
+        sequence or a row with no real token (ONNX Runtime's attention divides by the row's length).
+        """
+        live = mask.any(dim=1)
+        if ids.numel() and bool(live.all()):
+            return run(ids, mask)
+        shape = (ids.shape[0],) if tail is None else (*ids.shape, *tail)
+        out = torch.zeros(shape, dtype=dtype, device=self.device)
+        if ids.numel() and bool(live.any()):
+            rows = live.nonzero()[:, 0]
+            out[rows.to(out.device)] = run(ids[rows.to(ids.device)], mask[rows]).to(out.device, out.dtype)
+        return out
+
     def _inputs(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one check of what every backend is given (see the module docstring)."""
         if input_ids is None:
             raise InputError("input_ids is required")
-        ids = torch.as_tensor(input_ids)
-        if ids.dim() != 2 or ids.dtype.is_floating_point:
+        ids = _as_tensor(input_ids, "input_ids")
+        if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise InputError(f"input_ids must be an integer tensor [batch, sequence], got {tuple(ids.shape)} {ids.dtype}")
-        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask)
+        mask = torch.ones_like(ids) if attention_mask is None else _as_tensor(attention_mask, "attention_mask")
         if mask.shape != ids.shape:
             raise InputError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
+        _check_mask(mask)
         _check_ids(ids, self.config)
         return ids.long(), mask.long()
 
@@ -137,9 +171,32 @@ class ValueModel:
         return f"ValueModel(format={self.format}, precision={self.precision}, device={self.device}, path={self.path})"
 
 
+def _as_tensor(value, name: str) -> torch.Tensor:
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:  # ragged lists, strings, objects
+        raise InputError(f"{name} is not a tensor [batch, sequence] ({' '.join(str(exc).split())[:200]})") from None
+
+
+def _check_mask(mask: torch.Tensor) -> None:
+    """Only 0 (padding) and 1 (a real token): any other value would change values, differently per backend."""
+    if mask.dtype == torch.bool or not mask.numel():
+        return
+    if mask.dtype.is_complex:
+        raise InputError(f"attention_mask must hold 0 and 1, got a {mask.dtype} tensor")
+    bad = (mask != 0) & (mask != 1)
+    if bool(bad.any()):
+        at = tuple(int(i) for i in bad.nonzero()[0])
+        raise InputError(f"attention_mask has value {mask[at].item()} at [{', '.join(map(str, at))}]: "
+                         "only 0 (padding) and 1 (a real token) are allowed")
+
+
 def _check_ids(ids: torch.Tensor, config) -> None:
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size):
-        raise InputError(f"input_ids has token ids outside the vocabulary [0, {config.vocab_size})")
+    if ids.numel():
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= config.vocab_size:
+            raise InputError(f"input_ids has token id {low if low < 0 else high}, outside the vocabulary "
+                             f"[0, {config.vocab_size}) (the largest id is {config.vocab_size - 1})")
     limit = getattr(config, "max_position_embeddings", None)
     if limit and ids.shape[1] > limit:
         raise InputError(f"sequence of {ids.shape[1]} tokens is longer than the model's "
@@ -150,6 +207,26 @@ def default_device(device: str | torch.device | None) -> torch.device:
     if device is not None:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_device(device: str | torch.device | None, flag: str = "device") -> torch.device | None:
+    """DEVICE as a torch.device this machine has (None stays None: each backend's default). A misspelt device,
+    a type vexport does not run on, or a CUDA device this machine lacks is one InputError naming FLAG and the
+    devices available here; the CLI's --device and ``load(device=...)`` both come through here."""
+    if device is None:
+        return None
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    available = ", ".join(["cpu", *(["cuda"] if gpus else []), *(f"cuda:{i}" for i in range(gpus))])
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"{flag} {str(device)[:50]!r} is not a device (available here: {available})") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise InputError(f"{flag} {str(device)[:50]!r}: vexport runs on cpu or cuda (available here: {available})")
+    if parsed.type == "cuda" and (parsed.index or 0) >= gpus:
+        have = f"{gpus} CUDA GPU{'s' if gpus != 1 else ''}" if gpus else "no CUDA GPU (or no CUDA build of torch)"
+        raise InputError(f"{flag} {str(device)[:50]}: this machine has {have} (available here: {available})")
+    return parsed
 
 
 def load(model: str | os.PathLike, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
@@ -164,8 +241,9 @@ def load(model: str | os.PathLike, device: str | torch.device | None = None, dty
     are checked against its manifest first: sizes always, sha256 hashes unless ``verify_hashes=False`` (for
     very large local files you trust; hashing reads every byte, about 1 minute for 26 GB).
     """
+    device = check_device(device)
     path = Path(model).expanduser()
-    if path.is_dir() and (path / MANIFEST_NAME).is_file():
+    if is_artifact(path):
         return _load_artifact(path, device, threads, verify_hashes)
     if cpu_kernels not in ("onednn", "torch"):
         raise InputError(f"cpu_kernels {cpu_kernels!r} is not one of onednn, torch")
@@ -219,7 +297,8 @@ def _load_artifact(path: Path, device, threads: int | None, verify_hashes: bool 
 
 def check_files(path: Path, manifest: Manifest, verify_hashes: bool = True, progress: bool = False) -> None:
     """The folder must hold exactly what the manifest lists: every listed file inside PATH (symlinks followed)
-    with its recorded size, and its sha256 unless ``verify_hashes`` is False; no weight file unlisted."""
+    with its recorded size, and its sha256 unless ``verify_hashes`` is False; no weight file unlisted; the files
+    of the format it names (an ONNX graph with the inputs and outputs it records, an engine, GPTQ weights)."""
     from vexport.progress import progress_bar
     from vexport.safety import HASH_LOG_BYTES, check_entries, inside, is_weight_file, verify_file
 
@@ -230,6 +309,7 @@ def check_files(path: Path, manifest: Manifest, verify_hashes: bool = True, prog
         if name is not None and (not isinstance(name, str) or name not in manifest.files):
             raise ManifestError(f"{path / MANIFEST_NAME}: format_options.{key} {str(name)[:100]!r} is not a file "
                                 "the manifest lists")
+    check_format_files(path, manifest)
     unlisted = sorted(name for name in os.listdir(path) if is_weight_file(name) and name not in manifest.files)
     if unlisted:
         raise ManifestError(f"{path / unlisted[0]} is a weight file that {path / MANIFEST_NAME} does not list: "
@@ -239,10 +319,10 @@ def check_files(path: Path, manifest: Manifest, verify_hashes: bool = True, prog
     with progress_bar("verifying artifact files", total, bar) as advance:
         for name, file in files.items():
             verify_file(file, manifest.files[name], verify_hashes, advance)
-    if manifest.format == "onnx":  # the graph's external-data locations are files the folder refers to too
-        from vexport.backends.onnxrt import check_external_data
+    if manifest.format == "onnx":  # its external-data locations are files the folder refers to too; its inputs
+        from vexport.backends.onnxrt import check_external_data  # and outputs are those the manifest records
 
-        check_external_data(inside(path, str(manifest.format_options.get("graph", "")), MANIFEST_NAME))
+        check_external_data(inside(path, str(manifest.format_options.get("graph", "")), MANIFEST_NAME), manifest)
 
 
 def _torch_dtype(dtype) -> torch.dtype | None:

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vexport.errors import CorruptFileError, MissingDependencyError
+from vexport.errors import CorruptFileError, ManifestError, MissingDependencyError
+from vexport.manifest import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,14 @@ class OnnxRuntimeRunner:
         return out
 
 
-def check_external_data(graph: Path) -> None:
+FEEDS = ("input_ids", "attention_mask")  # what OnnxRuntimeRunner feeds, and the one output it reads
+FETCH = "logits"
+
+
+def check_external_data(graph: Path, manifest=None) -> None:
     """Every external-data location of GRAPH (subgraphs included) must resolve inside its folder; the graph is
-    parsed without its external data, so nothing the locations name is opened."""
+    parsed without its external data, so nothing the locations name is opened. With MANIFEST, the graph's inputs
+    and outputs must also be those it records and the runner feeds (``check_signature``)."""
     import onnx
     from onnx.external_data_helper import _get_all_tensors
 
@@ -104,11 +110,55 @@ def check_external_data(graph: Path) -> None:
         model = onnx.load(str(graph), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
         raise CorruptFileError(f"{graph} is not a readable ONNX model ({type(exc).__name__})") from None
+    if manifest is not None:
+        check_signature(model.graph, graph, manifest)
     for tensor in _get_all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         inside(graph.parent, location, f"{graph.name} (external data of {tensor.name})")
+
+
+def check_signature(proto, graph: Path, manifest) -> None:
+    """The graph's (a GraphProto's) inputs and outputs must be those MANIFEST records and the runner feeds:
+    names, element types, ranks. A foreign graph in the artifact's place is one ManifestError naming GRAPH and
+    what it lacks, before ONNX Runtime ever sees a feed."""
+    recorded = {io["name"]: io.get("dtype") for io in [*manifest.inputs, *manifest.outputs]}
+    initializers = {t.name for t in proto.initializer}  # IR < 4 lists initializers among the inputs
+    inputs = {i.name: i for i in proto.input if i.name not in initializers}
+    outputs = {o.name: o for o in proto.output}
+    problems = []
+    lacks = [name for name in dict.fromkeys([*FEEDS, *(io["name"] for io in manifest.inputs)]) if name not in inputs]
+    if lacks:
+        problems.append(f"lacks input{'s' if len(lacks) > 1 else ''} {', '.join(lacks)} "
+                        f"(its inputs: {', '.join(list(inputs)[:5]) or 'none'})")
+    extra = [name for name in inputs if name not in FEEDS]
+    if extra and not lacks:
+        problems.append(f"has input{'s' if len(extra) > 1 else ''} {', '.join(extra[:5])} that vexport does not feed")
+    if FETCH not in outputs:
+        problems.append(f"lacks output {FETCH} (its outputs: {', '.join(list(outputs)[:5]) or 'none'})")
+    expected = [(name, inputs.get(name), "int64", 2) for name in FEEDS] + [(FETCH, outputs.get(FETCH), "float32", 3)]
+    for name, info, default, rank in expected:
+        if info is None:
+            continue
+        dtype, dims = _tensor_type(info)
+        want = recorded.get(name) or default
+        if dtype != want or (dims is not None and dims != rank):
+            problems.append(f"has {name} as {dtype} of rank {dims} ({want} of rank {rank} expected)")
+    if problems:
+        raise ManifestError(f"{graph}: the graph {'; '.join(problems)}: not the graph {MANIFEST_NAME} describes")
+
+
+def _tensor_type(info) -> tuple[str, int | None]:
+    """(numpy dtype name, rank or None when the graph leaves it open) of a ValueInfoProto."""
+    import onnx
+
+    kind = info.type.tensor_type
+    try:
+        dtype = str(onnx.helper.tensor_dtype_to_np_dtype(kind.elem_type))
+    except (KeyError, ValueError, TypeError):
+        dtype = f"element type {kind.elem_type}"
+    return dtype, (len(kind.shape.dim) if kind.HasField("shape") else None)
 
 
 def _cuda_provider_usable() -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from vexport.errors import VexportError
-from vexport.manifest import MANIFEST_NAME, library_versions, now_iso, read_manifest
+from vexport.manifest import is_artifact, library_versions, now_iso, read_manifest
 from vexport.scoring.inputs import InputPlan
 from vexport.scoring.scorer import ScorerOptions
 
@@ -34,7 +34,7 @@ class ModelInfo:
 def describe_model(model: str | Path, allow_pickle: bool = False) -> ModelInfo:
     """Read an artifact's manifest, or validate and hash a Hugging Face value model (local folder or hub id)."""
     path = Path(model).expanduser()
-    if path.is_dir() and (path / MANIFEST_NAME).is_file():
+    if is_artifact(path):
         from vexport.runtime import check_files
 
         manifest = read_manifest(path)
