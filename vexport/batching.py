@@ -37,6 +37,11 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, side: str = "righ
     return ids, mask
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions count real tokens only, so a left-padded sequence gets the positions it has alone."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
 def unpad(values: torch.Tensor, mask: torch.Tensor) -> list:
     """Per-row numpy float32 arrays of the values at real tokens."""
     values, mask = values.float().cpu(), mask.bool().cpu()

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers.modeling_outputs import TokenClassifierOutput
 
+from vexport.backends.base import Runner
 from vexport.errors import InputError, ManifestError
 from vexport.manifest import MANIFEST_NAME, Manifest, read_manifest
 
@@ -25,7 +26,7 @@ _CACHE_KWARGS = ("past_key_values", "cache")  # the transformers 4 and 5 names o
 class ValueModel:
     """A value model on some backend. ``model(input_ids=..., attention_mask=...).logits`` is [B, T, 1]."""
 
-    def __init__(self, runner, config, path: Path, manifest: Manifest | None = None):
+    def __init__(self, runner: Runner, config, path: Path, manifest: Manifest | None = None):
         self.runner = runner
         self.config = config
         self.path = path
@@ -73,7 +74,7 @@ class ValueModel:
     def _wants_cache(self, kwargs: dict) -> bool:
         """A cache was passed (any backend: the others refuse it by name), or asked for on a torch backend."""
         passed = any(kwargs.get(name) is not None for name in _CACHE_KWARGS)
-        return passed or bool(kwargs.get("use_cache")) and hasattr(self.runner, "module")
+        return passed or bool(kwargs.get("use_cache")) and self.runner.incremental
 
     def _call_with_cache(self, input_ids, attention_mask, kwargs: dict):
         """``input_ids`` are the new tokens; ``attention_mask`` covers the cached and the new ones. Returns
@@ -103,23 +104,15 @@ class ValueModel:
     def values(self, input_ids, attention_mask=None) -> torch.Tensor:
         """float32 [B, T]: the value of every token; padding positions are 0."""
         ids, mask = self._inputs(input_ids, attention_mask)
-        if hasattr(self.runner, "values"):  # torch backends: the fused head on CUDA (vexport/head.py)
-            values = self.runner.values(ids, mask).to(self.device)
-        else:
-            values = self.runner.logits(ids, mask)[..., 0].float().to(self.device)
+        values = self.runner.values(ids, mask).to(self.device)  # torch backends: the fused head on CUDA
         return values * mask.to(values.device)
 
     def sequence_values(self, input_ids, attention_mask=None) -> torch.Tensor:
         """float32 [B]: the value of each sequence, read at its last real token (any padding side)."""
         ids, mask = self._inputs(input_ids, attention_mask)
-        if hasattr(self.runner, "values"):  # torch backends: the head runs at the last tokens only
-            from vexport.head import last_token_index
+        from vexport.head import last_token_index
 
-            return self.runner.values(ids, mask, index=last_token_index(mask)).to(self.device)
-        values = self.values(ids, mask)
-        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-        last = torch.where(mask.bool(), positions, -1).amax(dim=1).clamp_min(0)
-        return values.gather(1, last.to(values.device)[:, None])[:, 0]
+        return self.runner.values(ids, mask, index=last_token_index(mask)).to(self.device)  # the last tokens only
 
     def _inputs(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
         if input_ids is None:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vexport.backends.base import IncrementalRunner
 from vexport.batching import token_budget_batches
 from vexport.errors import InputError
 
@@ -51,15 +52,16 @@ class HostBatch:
 class FastScorer:
     """``scorer.sequence_values(seqs)`` -> float32 [N]; ``scorer.token_values(seqs)`` -> per-sequence arrays.
 
-    ``runner`` is a torch backend (``TorchRunner`` or ``GPTQRunner``): its ``head`` (``vexport.head.ValueHead``)
-    and ``device`` are used; inputs are lists of token ids.
+    ``runner`` is an ``IncrementalRunner`` (``TorchRunner`` or ``GPTQRunner``): its ``positional_values``
+    runs each batch; inputs are lists of token ids.
     """
 
-    def __init__(self, runner, options: FastScoringOptions = FastScoringOptions(), pad_id: int = 0):
+    def __init__(self, runner: IncrementalRunner, options: FastScoringOptions = FastScoringOptions(),
+                 pad_id: int = 0):
+        if not runner.incremental:
+            raise InputError(f"the fast scorer runs torch backends (torch, gptq), not {runner.name}")
         self.runner, self.options, self.pad_id = runner, options, pad_id
         self.device = torch.device(runner.device)
-        self.head = runner.head
-        self.backbone = torch.compile(self.head.backbone, dynamic=True) if options.compile else self.head.backbone
 
     def sequence_values(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         """float32 [N]: each sequence's value at its last token, in input order."""
@@ -115,12 +117,7 @@ class FastScorer:
 
     def _values(self, batch: HostBatch) -> Tensor:
         """Copy in without waiting, run the backbone with no mask (causal, right-padded) and the head at index."""
-        from vexport.head import fused_values, hf_values
-
         ids = batch.input_ids.to(self.device, non_blocking=True)
         positions = batch.position_ids.to(self.device, non_blocking=True)
         index = batch.index.to(self.device, non_blocking=True)
-        hidden = self.backbone(input_ids=ids, attention_mask=None, position_ids=positions,
-                               use_cache=False).last_hidden_state
-        head = fused_values if self.head.fused else hf_values
-        return head(self.head.module, hidden, index)
+        return self.runner.positional_values(ids, None, positions, index, compiled=self.options.compile)

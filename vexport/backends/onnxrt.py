@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vexport.backends.base import Runner
 from vexport.errors import CorruptFileError, MissingDependencyError
 
 log = logging.getLogger(__name__)
 
 
-class OnnxRuntimeRunner:
+class OnnxRuntimeRunner(Runner):
     """One InferenceSession over an exported graph; logits [B, T, 1] float32 as a torch tensor."""
 
     name = "onnxruntime"

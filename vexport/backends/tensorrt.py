@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from vexport.backends.base import Runner
 from vexport.errors import ManifestError, MissingDependencyError, VexportError
 from vexport.manifest import Manifest
 
@@ -37,7 +38,7 @@ def engine_mismatch(recorded: dict, current: dict) -> str | None:
     return "the engine was built for " + " and ".join(problems) + ": rebuild it here with vexport export ... --format tensorrt"
 
 
-class TensorRTRunner:
+class TensorRTRunner(Runner):
     """logits(input_ids, attention_mask) -> float32 [B, T, 1] on the engine's GPU."""
 
     name = "tensorrt"
