@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from vexport import __version__
-from vexport.batching import pad_batch, token_budget_batches, unpad
+from vexport.batching import pad_batch, pad_id_of, plan_batches, run_in_order, unpad
 from vexport.errors import InputError, VexportError
 from vexport.evalset import EncodedSample, builtin_prompt_groups, encode_groups, read_prompt_groups
 from vexport.manifest import MANIFEST_NAME, library_versions, now_iso, read_manifest
@@ -127,12 +127,12 @@ def check_many(artifacts: Sequence[str | os.PathLike], reference: str | os.PathL
     torch.manual_seed(seed)
     groups, evalset = (read_prompt_groups(prompts), str(prompts)) if prompts else (builtin_prompt_groups(), "builtin")
     samples = _encode_all(artifacts, groups, allow_pickle, verify_hashes, progress)
-    batches = token_budget_batches([len(s.input_ids) for s in samples], batch_tokens)
+    batches = plan_batches([len(s.input_ids) for s in samples], batch_tokens)
     ref, ref_load = _timed(lambda: load(reference, device=device, allow_pickle=allow_pickle))
-    ref_scored = score(ref, samples, batches, _pad_id(ref), progress, "reference")
+    ref_scored = score(ref, samples, batches, pad_id_of(ref), progress, "reference")
     settings = _settings(evalset, len(groups), samples, batch_tokens, seed, thresholds)
     stamp = {"reference": _reference_identity(reference, ref), "evalset": evalset, "checked": created}
-    run = _Run(samples, batches, _pad_id(ref), ref, ref_scored.values, thresholds, device, seed,
+    run = _Run(samples, batches, pad_id_of(ref), ref, ref_scored.values, thresholds, device, seed,
                stamp if record else None, progress)
     entries, results = [], []
     for label, artifact in zip(artifact_labels(artifacts), artifacts):
@@ -175,36 +175,20 @@ def score(model: ValueModel, samples: Sequence[EncodedSample], batches: Sequence
     The shortest sequence is run once alone before timing: lazy initialisation (sessions, kernels) is not
     scoring. The timing includes the copy of the values to the host, which waits for a GPU to finish.
     """
-    out: list = [None] * len(samples)
     padded = [pad_batch([samples[i].input_ids for i in batch], pad_id) for batch in batches]
     ids, mask = pad_batch([min((s.input_ids for s in samples), key=len)], pad_id)
     _, warmup = _timed(lambda: unpad(model.values(ids, mask), mask))
     seconds = 0.0
     with progress_bar(f"scoring {label}", len(samples), progress) as advance:
-        for batch, (ids, mask) in zip(batches, padded):
-            rows, elapsed = _timed(lambda: unpad(model.values(ids, mask), mask))
+        def run(k: int, rows: Sequence[int]) -> list[np.ndarray]:
+            nonlocal seconds
+            values, elapsed = _timed(lambda: unpad(model.values(*padded[k]), padded[k][1]))
             seconds += elapsed
-            for i, row in zip(batch, rows):
-                out[i] = row
-            advance(len(batch))
+            advance(len(rows))
+            return values
+
+        out = run_in_order(batches, len(samples), run)
     return Scored(out, seconds, warmup)
-
-
-def run_pair(ref: ValueModel, candidate: ValueModel, samples: list[EncodedSample], batch_tokens: int,
-             progress: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per-sequence values of both models on identical right-padded batches, in sample order."""
-    pad_id = _pad_id(candidate)
-    batches = token_budget_batches([len(s.input_ids) for s in samples], batch_tokens)
-    ref_out: list = [None] * len(samples)
-    cand_out: list = [None] * len(samples)
-    with progress_bar("scoring reference and candidate", len(samples), progress) as advance:
-        for batch in batches:
-            ids, mask = pad_batch([samples[i].input_ids for i in batch], pad_id)
-            for out, model in ((ref_out, ref), (cand_out, candidate)):
-                for i, row in zip(batch, unpad(model.values(ids, mask), mask)):
-                    out[i] = row
-            advance(len(batch))
-    return ref_out, cand_out
 
 
 def _timed(work: Callable[[], T]) -> tuple[T, float]:
@@ -270,13 +254,6 @@ def _compared_precision(ref: ValueModel, candidate: ValueModel) -> str:
     if ref.precision == "float16" and candidate.precision == "float32":
         return "float16"
     return candidate.precision
-
-
-def _pad_id(model: ValueModel) -> int:
-    pad = getattr(model.config, "pad_token_id", None)
-    if pad is None:
-        pad = model.tokenizer.pad_token_id
-    return int(pad) if pad is not None else 0
 
 
 # ----------------------------------------------------------------------------------------- report
