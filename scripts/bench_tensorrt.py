@@ -34,7 +34,7 @@ def parse_args() -> argparse.Namespace:
 
 def make_models(work: Path) -> dict[str, tuple[Path, Path]]:
     """(fp model, RTN GPTQ folder) per size, built once."""
-    from vexport.quant.checkpoint import write_rtn_checkpoint
+    from vexport.export.rtn import write_rtn_checkpoint
     from vexport.tiny import make_tiny_value_model
 
     models = {}

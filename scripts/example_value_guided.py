@@ -62,7 +62,7 @@ def main() -> None:
         workdir = args.workdir or Path(tmp)
         folder, policy = trained_models(workdir) if args.trained else tiny_models(workdir)
         if args.int4:
-            from vexport.quant.checkpoint import write_rtn_checkpoint
+            from vexport.export.rtn import write_rtn_checkpoint
 
             folder = write_rtn_checkpoint(folder, workdir / "value-int4", group_size=32, force=True)
         run(vexport.load(folder), policy, args)

@@ -19,7 +19,7 @@ from vexport.batching import pad_batch
 from vexport.export.onnx import export_onnx
 from vexport.manifest import read_manifest
 from vexport.parity import sqnr_db
-from vexport.quant.checkpoint import write_rtn_checkpoint
+from vexport.export.rtn import write_rtn_checkpoint
 from vexport.runtime import load
 from vexport.tiny import make_tiny_value_model
 

@@ -20,7 +20,7 @@ from vexport.export.onnx_trt_int4 import blocked_int4_tensors, pack_int4, trt_bl
 from vexport.manifest import read_manifest
 from vexport.model import open_model
 from vexport.parity import sqnr_db
-from vexport.quant.checkpoint import write_rtn_checkpoint
+from vexport.export.rtn import write_rtn_checkpoint
 from vexport.quant.pack import dequantize_gptq_v1
 from vexport.runtime import load
 
