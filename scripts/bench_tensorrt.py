@@ -65,7 +65,8 @@ def tokens_per_second(model, reps: int) -> float:
 
 def engine_row(name: str, kind: str, fp: Path, gptq: Path, work: Path, reps: int) -> dict:
     from vexport.checker import check
-    from vexport.export.tensorrt import ShapeProfile, build_engine
+    from vexport.export.tensorrt import ShapeProfile
+    from vexport.export.tensorrt_chain import build_engine
     from vexport.manifest import read_manifest
     from vexport.runtime import load
 

@@ -194,7 +194,8 @@ def test_shape_flags_are_checked():
 @pytest.fixture(scope="module")
 def engines(tiny_model_dir, gptq_dirs, tmp_path_factory):
     pytest.importorskip("tensorrt", reason="needs TensorRT 10+ (pip install 'vexport[tensorrt]')")
-    from vexport.export.tensorrt import ShapeProfile, build_engine
+    from vexport.export.tensorrt import ShapeProfile
+    from vexport.export.tensorrt_chain import build_engine
 
     root, profile = tmp_path_factory.mktemp("engines"), ShapeProfile((1, 1), (4, 64), (8, 128))
     return {"fp16": build_engine(tiny_model_dir, root / "fp16", profile=profile),

@@ -99,7 +99,8 @@ def export(
     --format tensorrt takes a value model, a GPTQ folder (--int4) or a TensorRT-bound ONNX folder.
     """
     if format is Format.tensorrt:
-        from vexport.export.tensorrt import ShapeProfile, build_engine, parse_shape
+        from vexport.export.tensorrt import ShapeProfile, parse_shape
+        from vexport.export.tensorrt_chain import build_engine
 
         profile = ShapeProfile(parse_shape(min_shape, "--min-shape"), parse_shape(opt_shape, "--opt-shape"),
                                parse_shape(max_shape, "--max-shape"))

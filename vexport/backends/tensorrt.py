@@ -44,7 +44,7 @@ class TensorRTRunner(Runner):
     name = "tensorrt"
 
     def __init__(self, folder: Path, manifest: Manifest, device: str | torch.device | None = None):
-        from vexport.export.tensorrt import gpu_identity, require_tensorrt
+        from vexport.backends.tensorrt_env import gpu_identity, require_tensorrt
 
         trt = require_tensorrt()
         self.device = torch.device(device or "cuda")
