@@ -24,9 +24,11 @@ log = logging.getLogger(__name__)
 
 
 def build_engine(model_or_onnx: str | os.PathLike, output: str | os.PathLike, *, profile: ShapeProfile = ShapeProfile(),
-                 fp16: bool = True, int4: bool = False, reference: str | os.PathLike | None = None,
+                 fp16: bool = True, int4: bool | None = False, reference: str | os.PathLike | None = None,
                  force: bool = False, progress: bool = False) -> Path:
-    """Build OUTPUT/model.engine from a value model, a GPTQ folder (int4) or a TensorRT-bound ONNX folder."""
+    """Build OUTPUT/model.engine from a value model, a GPTQ folder (int4) or a TensorRT-bound ONNX folder.
+
+    ``int4`` must match MODEL (a GPTQ folder, or an int4 TensorRT-bound ONNX); None takes it from MODEL."""
     require_tensorrt()
     profile.check(None)  # the order of the shapes now; max_position_embeddings once the config is read
     output = Path(output)
@@ -40,7 +42,7 @@ def build_engine(model_or_onnx: str | os.PathLike, output: str | os.PathLike, *,
     return output
 
 
-def _trt_onnx(model, folder: Path, fp16: bool, int4: bool, reference, progress: bool) -> tuple[Path, Any]:
+def _trt_onnx(model, folder: Path, fp16: bool, int4: bool | None, reference, progress: bool) -> tuple[Path, Any]:
     """An existing TensorRT-bound ONNX folder as it is, else the one exported from MODEL into FOLDER."""
     from vexport.export.onnx_trt import export_tensorrt_onnx
     from vexport.quant.checkpoint import is_gptq_config
@@ -51,15 +53,16 @@ def _trt_onnx(model, folder: Path, fp16: bool, int4: bool, reference, progress: 
         if manifest.format_options.get("target") != "tensorrt":
             raise VexportError(f"{path} is an ONNX export for ONNX Runtime; pass the value model (or a GPTQ "
                                "folder for --int4) so the TensorRT-bound graph is exported")
-        if int4 != (manifest.precision == "int4"):
+        if int4 is not None and int4 != (manifest.precision == "int4"):
             raise VexportError(f"{path} has precision {manifest.precision}, which does not match --int4={int4}")
         return path, reference or manifest.source.get("model")
     from vexport.model import open_model
 
-    if int4 != is_gptq_config(open_model(model).config):
+    gptq = is_gptq_config(open_model(model).config)
+    if int4 is not None and int4 != gptq:
         raise VexportError(f"--int4 needs a GPTQ folder (vexport export --format gptq) and a GPTQ folder needs "
                            f"--int4; {model} does not match")
-    dtype = "float16" if fp16 or int4 else "float32"
+    dtype = "float16" if fp16 or gptq else "float32"
     return export_tensorrt_onnx(model, folder, dtype, progress=progress), reference or model
 
 
