@@ -56,9 +56,15 @@ def export_onnx(model: str | os.PathLike, output: str | os.PathLike, dtype: str 
     output = Path(output)
     check_output(output, force)
     source = open_model(model, allow_pickle=allow_pickle)
-    # --- int4: a GPTQ source folder gives MatMulNBits Linears (export/onnx_int4.py) ---
-    int4 = MatMulNBitsEmitter(source, int4_accuracy_level) if is_gptq_config(source.config) else None
-    graph, weights, optimized = _build(source, dtype, int4, optimize)
+    reason = fusable(source.config) if optimize else None
+    if reason:
+        log.warning("writing the plain ONNX graph: %s", reason)
+    optimized = optimize and reason is None
+    # --- int4: a GPTQ source folder gives MatMulNBits Linears (export/onnx_int4.py); the plain graph computes
+    # them in float, as the runtimes that run it do ---
+    level = int4_accuracy_level if optimized else None
+    int4 = MatMulNBitsEmitter(source, level) if is_gptq_config(source.config) else None
+    graph, weights = _build(source, dtype, int4, optimized)
     precision, options = dtype, _format_options(graph, optimized)
     if int4 is not None:
         add_contrib_opset(graph)
@@ -81,19 +87,11 @@ def _io_spec() -> tuple[list[dict], list[dict]]:
 
 
 def _build(source: ModelSource, dtype: str, int4: MatMulNBitsEmitter | None,
-           optimize: bool) -> tuple[onnx.ModelProto, list[WeightSpec], bool]:
-    """The fused graph when asked for and the config allows it, else the plain one."""
-    reason = fusable(source.config) if optimize else None
-    if optimize and reason is None:
-        graph, weights = build_fused_graph(source.config, dtype, source.score_has_bias,
-                                           linear=int4.fused if int4 is not None else None)
-        return graph, weights, True
-    if reason:
-        log.warning("writing the plain ONNX graph: %s", reason)
-    if int4 is not None:
-        int4.accuracy_level = None  # the plain graph computes MatMulNBits in float, as the runtimes that run it
-    graph, weights = build_graph(source.config, dtype, source.score_has_bias, linear=int4)
-    return graph, weights, False
+           optimized: bool) -> tuple[onnx.ModelProto, list[WeightSpec]]:
+    """The fused graph (``optimized``) or the plain one."""
+    if optimized:
+        return build_fused_graph(source.config, dtype, source.score_has_bias, linears=int4)
+    return build_graph(source.config, dtype, source.score_has_bias, linear=int4)
 
 
 def _format_options(graph: onnx.ModelProto, optimized: bool) -> dict:
