@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper
 
 from vexport.artifact import check_output, staging_dir
 from vexport.errors import VexportError
@@ -23,15 +20,14 @@ from vexport.export.common import copy_support_files, write_manifest
 from vexport.export.onnx_fused import build_fused_graph, fusable
 from vexport.export.onnx_graph import INPUT_NAMES, OPSET, OUTPUT_NAME, WeightSpec, build_graph
 from vexport.export.onnx_int4 import MatMulNBitsEmitter, add_contrib_opset
+from vexport.export.weights import tensor_reader, write_weights
 from vexport.model import ModelSource, open_model
-from vexport.progress import progress_bar
 from vexport.quant.checkpoint import is_gptq_config
 
 log = logging.getLogger(__name__)
 
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-_ALIGN = 4096  # page-aligned tensors, so ONNX Runtime can memory-map the external data
 _TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16}
 # MatMulNBits accuracy_level of the optimized int4 graph. 4: ONNX Runtime's CPU kernel multiplies int8-quantized
 # activations (per token and block) with the int4 codes, 1.6x the float-compute speed at 1x64 on the project's
@@ -71,7 +67,7 @@ def export_onnx(model: str | os.PathLike, output: str | os.PathLike, dtype: str 
         precision, options = "int4", {**options, **int4.format_options(dtype)}
     # --- end int4 ---
     with staging_dir(output, force) as tmp:
-        _write_weights(graph, weights, _tensor_reader(source), tmp / DATA_FILE, dtype, progress)
+        write_weights(graph, weights, tensor_reader(source), tmp / DATA_FILE, dtype, progress)
         onnx.save_model(graph, tmp / GRAPH_FILE)
         onnx.checker.check_model(str(tmp / GRAPH_FILE))
         copy_support_files(source.path, tmp)
@@ -100,46 +96,3 @@ def _format_options(graph: onnx.ModelProto, optimized: bool) -> dict:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     return {"graph": GRAPH_FILE, "external_data": DATA_FILE, "opset": OPSET, "optimized": optimized,
             "runtime": "onnxruntime" if optimized else "any", "operator_counts": dict(sorted(ops.items()))}
-
-
-def _tensor_reader(source: ModelSource) -> Callable[[str], torch.Tensor]:
-    if not source.pickle:
-        return source.read_tensor
-    state = source.load_torch().state_dict()  # pickle weights (allowed explicitly): one copy in memory
-    return state.__getitem__
-
-
-def _write_weights(graph: onnx.ModelProto, weights: list[WeightSpec], read: Callable[[str], torch.Tensor],
-                   data_file: Path, dtype: str, progress: bool) -> None:
-    offset = 0
-    with open(data_file, "wb") as fh, progress_bar("writing ONNX weights", len(weights), progress) as advance:
-        for spec in weights:
-            array = spec.make(read) if spec.make else _prepare(read(spec.source), spec, dtype)
-            offset = _align(fh, offset)
-            fh.write(memoryview(np.ascontiguousarray(array)).cast("B"))
-            graph.graph.initializer.append(_external(spec.name, array, offset))
-            offset += array.nbytes
-            del array
-            advance()
-
-
-def _prepare(tensor: torch.Tensor, spec: WeightSpec, dtype: str):
-    tensor = tensor.to(_TORCH_DTYPE[dtype])
-    if spec.transpose:
-        tensor = tensor.t()
-    return tensor.contiguous().numpy()
-
-
-def _align(fh, offset: int) -> int:
-    pad = (-offset) % _ALIGN
-    fh.write(b"\0" * pad)
-    return offset + pad
-
-
-def _external(name: str, array: np.ndarray, offset: int) -> TensorProto:
-    tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=list(array.shape))
-    tensor.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(array.nbytes))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
-    return tensor

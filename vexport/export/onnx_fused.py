@@ -17,7 +17,6 @@ Runs on ONNX Runtime (CPU and CUDA providers); the plain graph (export/onnx_grap
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -27,6 +26,7 @@ from onnx import TensorProto, helper
 
 from vexport.export.onnx_graph import OUTPUT_NAME, GraphBuilder, WeightSpec, make_model, rms_norm, rotary_tables
 from vexport.export.onnx_int4 import CONTRIB_DOMAIN, add_contrib_opset
+from vexport.export.weights import folded_score
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def build_fused_graph(config, dtype: str, score_bias: bool,
     attention = (positions, seqlens, total, cos, sin)
     for i in range(config.num_hidden_layers):
         normed, hidden = _decoder_layer(b, config, i, normed, hidden, attention, linears)
-    logits = b.op("MatMul", normed, b.weight("score_weight", "score.weight", make=_folded_score(dtype)))
+    logits = b.op("MatMul", normed, b.weight("score_weight", "score.weight", make=lambda read: folded_score(read, dtype)))
     if score_bias:
         logits = b.op("Add", logits, b.weight("score_bias", "score.bias"))
     logits = b.op("Cast", logits, to=TensorProto.FLOAT)
@@ -193,12 +193,3 @@ class DenseLinears:
 def _concat_t(weights: list[torch.Tensor], dtype: torch.dtype) -> np.ndarray:
     """[out_i, in] tensors -> [in, sum(out_i)] in DTYPE."""
     return torch.cat([w.to(dtype) for w in weights], dim=0).t().contiguous().numpy()
-
-
-def _folded_score(dtype: str) -> Callable[[Callable[[str], torch.Tensor]], np.ndarray]:
-    """[hidden, labels]: the final norm weight times the score weight, in float32, cast once."""
-    def make(read: Callable[[str], torch.Tensor]) -> np.ndarray:
-        folded = read("model.norm.weight").float()[None, :] * read("score.weight").float()
-        return folded.t().contiguous().to(_TORCH[dtype]).numpy()
-
-    return make

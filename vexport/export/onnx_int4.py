@@ -35,6 +35,7 @@ from onnx import helper
 from vexport.errors import VexportError
 from vexport.model import ModelSource
 from vexport.quant.checkpoint import gptq_options
+from vexport.export.weights import pack_nibbles
 from vexport.quant.pack import unpack_gptq_v1
 
 log = logging.getLogger(__name__)
@@ -91,9 +92,9 @@ def matmul_nbits_tensors(packed: dict[str, torch.Tensor], plan: BlockPlan, dtype
     padded = block_zeros[:, -1:].repeat(1, plan.n_blocks * plan.block_size)  # padding codes = zero point
     padded[:, :k] = codes
     return {
-        "B": _pack_nibbles(padded).reshape(n, plan.n_blocks, plan.block_size // 2).numpy(),
+        "B": pack_nibbles(padded.numpy()).reshape(n, plan.n_blocks, plan.block_size // 2),
         "scales": qw.scales[groups].T.contiguous().numpy().astype(_NP_DTYPE[dtype]),
-        "zero_points": _pack_nibbles(block_zeros).numpy(),
+        "zero_points": pack_nibbles(block_zeros.numpy()),
     }
 
 
@@ -102,13 +103,6 @@ def _same_plan(a: BlockPlan, b: BlockPlan) -> bool:
     same_order = (a.order is None and b.order is None) or (
         a.order is not None and b.order is not None and np.array_equal(a.order, b.order))
     return same_order and a.block_size == b.block_size and a.n_blocks == b.n_blocks
-
-
-def _pack_nibbles(values: torch.Tensor) -> torch.Tensor:
-    """uint8 [R, C] codes (0..15) -> uint8 [R, ceil(C / 2)], element 2j in the low nibble of byte j."""
-    if values.shape[1] % 2:
-        values = torch.cat([values, torch.zeros_like(values[:, :1])], dim=1)
-    return values[:, 0::2] | (values[:, 1::2] << 4)
 
 
 class MatMulNBitsEmitter:
