@@ -28,19 +28,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import torch
-from onnx import helper
 
 from vexport.errors import VexportError
+from vexport.export.contrib import CONTRIB_DOMAIN
+from vexport.export.weights import pack_nibbles
 from vexport.model import ModelSource
 from vexport.quant.checkpoint import gptq_options
-from vexport.export.weights import pack_nibbles
 from vexport.quant.pack import unpack_gptq_v1
 
 log = logging.getLogger(__name__)
 
-CONTRIB_DOMAIN = "com.microsoft"
 MAX_BLOCK = 128  # MLAS' fast 4-bit kernels cover 16..256; 128 is the common GPTQ group size
 MIN_BLOCK = 16
 _NP_DTYPE = {"float32": np.float32, "float16": np.float16}
@@ -225,9 +223,3 @@ def _bias_maker(prefixes: list[str], dtype: str, out_order: np.ndarray | None) -
         return torch.cat(biases).numpy()
 
     return make
-
-
-def add_contrib_opset(model: onnx.ModelProto) -> None:
-    """Import the com.microsoft domain (MatMulNBits) next to the standard opset."""
-    if not any(op.domain == CONTRIB_DOMAIN for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
