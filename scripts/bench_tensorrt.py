@@ -86,7 +86,7 @@ def engine_row(name: str, kind: str, fp: Path, gptq: Path, work: Path, reps: int
 
 def onnx_row(name: str, kind: str, fp: Path, gptq: Path, work: Path) -> dict:
     from vexport.checker import check
-    from vexport.export.onnx_trt import export_tensorrt_onnx
+    from vexport.export.tensorrt_onnx import export_tensorrt_onnx
 
     folder = export_tensorrt_onnx(gptq if kind == "int4" else fp, work / f"onnx-{name}-{kind}", "float16", force=True)
     return {"model": name, "onnx": kind, "check_cpu": check(folder, fp, device="cpu").result.summary()}

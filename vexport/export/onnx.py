@@ -17,11 +17,11 @@ import torch
 from vexport.artifact import check_output, staging_dir
 from vexport.errors import VexportError
 from vexport.export.common import copy_support_files, write_manifest
-from vexport.export.contrib import add_contrib_opset
-from vexport.export.onnx_fused import build_fused_graph, fusable
-from vexport.export.onnx_graph import INPUT_NAMES, OPSET, OUTPUT_NAME, WeightSpec, build_graph
-from vexport.export.onnx_int4 import MatMulNBitsEmitter
-from vexport.export.weights import tensor_reader, write_weights
+from vexport.export.graph.contrib import add_contrib_opset
+from vexport.export.graph.fused import build_fused_graph, fusable
+from vexport.export.graph.int4_ort import MatMulNBitsEmitter
+from vexport.export.graph.plain import INPUT_NAMES, OPSET, OUTPUT_NAME, WeightSpec, build_graph
+from vexport.export.graph.weights import tensor_reader, write_weights
 from vexport.model import ModelSource, open_model
 from vexport.quant.checkpoint import is_gptq_config
 

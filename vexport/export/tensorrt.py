@@ -24,8 +24,8 @@ from typing import Any
 from vexport.backends.tensorrt_env import gpu_identity, require_tensorrt
 from vexport.errors import VexportError
 from vexport.export.common import copy_support_files
+from vexport.export.graph.plain import INPUT_NAMES
 from vexport.export.onnx import GRAPH_FILE
-from vexport.export.onnx_graph import INPUT_NAMES
 from vexport.manifest import Manifest, file_entry, library_versions, now_iso, read_manifest
 
 log = logging.getLogger(__name__)

@@ -44,7 +44,7 @@ def build_engine(model_or_onnx: str | os.PathLike, output: str | os.PathLike, *,
 
 def _trt_onnx(model, folder: Path, fp16: bool, int4: bool | None, reference, progress: bool) -> tuple[Path, Any]:
     """An existing TensorRT-bound ONNX folder as it is, else the one exported from MODEL into FOLDER."""
-    from vexport.export.onnx_trt import export_tensorrt_onnx
+    from vexport.export.tensorrt_onnx import export_tensorrt_onnx
     from vexport.quant.checkpoint import is_gptq_config
 
     path = Path(model)

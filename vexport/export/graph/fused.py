@@ -24,9 +24,9 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from vexport.export.contrib import CONTRIB_DOMAIN, add_contrib_opset
-from vexport.export.onnx_graph import OUTPUT_NAME, GraphBuilder, WeightSpec, make_model, rms_norm, rotary_tables
-from vexport.export.weights import folded_score
+from vexport.export.graph.contrib import CONTRIB_DOMAIN, add_contrib_opset
+from vexport.export.graph.plain import OUTPUT_NAME, GraphBuilder, WeightSpec, make_model, rms_norm, rotary_tables
+from vexport.export.graph.weights import folded_score
 
 log = logging.getLogger(__name__)
 

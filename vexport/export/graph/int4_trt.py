@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from vexport.errors import VexportError
-from vexport.export.onnx_int4 import BlockPlan, plan_blocks
-from vexport.export.weights import PackedInt4, pack_int4, unpack_int4
+from vexport.export.graph.int4_ort import BlockPlan, plan_blocks
+from vexport.export.graph.weights import PackedInt4, pack_int4, unpack_int4
 from vexport.model import ModelSource
 from vexport.quant.checkpoint import gptq_options
 from vexport.quant.pack import unpack_gptq_v1

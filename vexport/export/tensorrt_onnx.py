@@ -25,10 +25,10 @@ from onnx import TensorProto, numpy_helper
 from vexport.artifact import check_output, staging_dir
 from vexport.errors import VexportError
 from vexport.export.common import copy_support_files, value_io_spec, write_manifest
+from vexport.export.graph.int4_trt import BlockedDequantEmitter
+from vexport.export.graph.plain import build_graph
+from vexport.export.graph.weights import folded_score, tensor_reader, write_weights
 from vexport.export.onnx import DATA_FILE, GRAPH_FILE
-from vexport.export.onnx_graph import build_graph
-from vexport.export.onnx_trt_int4 import BlockedDequantEmitter
-from vexport.export.weights import folded_score, tensor_reader, write_weights
 from vexport.model import open_model
 from vexport.quant.checkpoint import is_gptq_config
 

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from vexport.errors import VexportError
-from vexport.export.contrib import CONTRIB_DOMAIN
-from vexport.export.weights import pack_nibbles
+from vexport.export.graph.contrib import CONTRIB_DOMAIN
+from vexport.export.graph.weights import pack_nibbles
 from vexport.model import ModelSource
 from vexport.quant.checkpoint import gptq_options
 from vexport.quant.pack import unpack_gptq_v1

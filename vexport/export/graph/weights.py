@@ -22,7 +22,7 @@ import torch
 from onnx import TensorProto, helper
 
 from vexport.errors import VexportError
-from vexport.export.onnx_graph import WeightSpec
+from vexport.export.graph.plain import WeightSpec
 from vexport.model import ModelSource
 from vexport.progress import progress_bar
 
