@@ -1,4 +1,4 @@
-"""The optimized ONNX graph (export/onnx_fused.py): fused ONNX Runtime operators, correct under any padding.
+"""The optimized ONNX graph (export/graph/fused.py): fused ONNX Runtime operators, correct under any padding.
 
 References are each sequence scored alone: by transformers for float graphs, by the int4 torch runtime on the
 same GPTQ checkpoint for int4 graphs (so quantization error never hides a padding bug).

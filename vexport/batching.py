@@ -45,9 +45,6 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int = DEFAULT_BATCH_TOKEN
     return batches
 
 
-token_budget_batches = plan_batches  # the older name
-
-
 def run_in_order(batches: Sequence[Sequence[int]], count: int,
                  run: Callable[[int, Sequence[int]], Sequence[R]]) -> list[R]:
     """The scoring loop: ``run(k, rows)`` gives one result per row of batch ``k``; each lands at its input row

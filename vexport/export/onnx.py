@@ -44,7 +44,7 @@ def export_onnx(model: str | os.PathLike, output: str | os.PathLike, dtype: str 
                 allow_pickle: bool = False, progress: bool = False) -> Path:
     """Export a value model to OUTPUT/model.onnx (+ external data, config, tokenizer, manifest.json).
 
-    ``optimize`` (the default) writes ONNX Runtime's fused graph (export/onnx_fused.py); ``optimize=False`` the
+    ``optimize`` (the default) writes ONNX Runtime's fused graph (export/graph/fused.py); ``optimize=False`` the
     plain opset-17 graph that any ONNX runtime runs. ``int4_accuracy_level`` is MatMulNBits' ``accuracy_level`` in
     the optimized int4 graph (4, the default: int8 activations on CPU; None: float compute, the checkpoint's exact
     numerics)."""
@@ -57,7 +57,7 @@ def export_onnx(model: str | os.PathLike, output: str | os.PathLike, dtype: str 
     if reason:
         log.warning("writing the plain ONNX graph: %s", reason)
     optimized = optimize and reason is None
-    # --- int4: a GPTQ source folder gives MatMulNBits Linears (export/onnx_int4.py); the plain graph computes
+    # --- int4: a GPTQ source folder gives MatMulNBits Linears (export/graph/int4_ort.py); the plain graph computes
     # them in float, as the runtimes that run it do ---
     level = int4_accuracy_level if optimized else None
     int4 = MatMulNBitsEmitter(source, level) if is_gptq_config(source.config) else None

@@ -1,4 +1,4 @@
-"""TensorRT engines from the TensorRT-bound ONNX (export/onnx_trt.py), with TensorRT's Python API (10.x+).
+"""TensorRT engines from the TensorRT-bound ONNX (export/tensorrt_onnx.py), with TensorRT's Python API (10.x+).
 
 ``write_engine`` builds one from an ONNX folder whose parity on ONNX Runtime the caller has checked
 (``vexport.export.tensorrt_chain`` runs export, check and build in that order). The steps, each one call of

@@ -1,6 +1,6 @@
 """The TensorRT chain: TensorRT-bound ONNX -> its parity check on ONNX Runtime -> the engine.
 
-``build_engine`` exports the ONNX TensorRT will parse (``export/onnx_trt.py``; or takes an existing
+``build_engine`` exports the ONNX TensorRT will parse (``export/tensorrt_onnx.py``; or takes an existing
 TensorRT-bound ONNX folder), checks it against its reference with ``vexport.check`` (a failure stops here:
 no engine is built from a graph whose numerics are wrong), then has ``export/tensorrt.py`` build the engine
 with that parity summary. It sits above both the checker and the engine writer, which know nothing of each

@@ -3,9 +3,9 @@
 ONNX Runtime runs this folder like any ONNX artifact (format "onnx", ``format_options.target: tensorrt``), so
 its numerics are checked with ``vexport check`` before TensorRT ever sees it (export/tensorrt.py).
 
-- float16 / float32: the plain graph (export/onnx_graph.py) in that dtype.
+- float16 / float32: the plain graph (export/graph/plain.py) in that dtype.
 - int4 (a GPTQ folder): every decoder Linear is a blocked INT4 ``DequantizeLinear`` + ``MatMul``
-  (export/onnx_trt_int4.py), float16 activations.
+  (export/graph/int4_trt.py), float16 activations.
 - Folded head: ``RMSNorm(x) @ score`` is computed as ``(x @ (norm_weight * score)) * rsqrt(mean(x^2) + eps)``
   in float32 (+ bias), so the normalised hidden states ``[B, T, H]`` are never a tensor of the graph: only the
   row statistic ``[B, T, 1]`` and the dot product ``[B, T, 1]`` are.

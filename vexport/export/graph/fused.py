@@ -11,7 +11,7 @@ padding, right padding and holes all work), runs the layers at positions 0..n-1 
 attention bias, and puts the values back in the input's layout (``GatherElements``): each sequence gets the
 values it gets alone, and attention does no [B, 1, T, T] mask work.
 
-Runs on ONNX Runtime (CPU and CUDA providers); the plain graph (export/onnx_graph.py) runs anywhere.
+Runs on ONNX Runtime (CPU and CUDA providers); the plain graph (export/graph/plain.py) runs anywhere.
 """
 
 from __future__ import annotations

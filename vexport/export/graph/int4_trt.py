@@ -14,7 +14,7 @@ For a symmetric checkpoint (every ``z == 8``) the correction term is absent and 
 documented form. For an asymmetric one, ``blocksum(x)`` is a Reshape to ``[B, T, K / block, block]`` and a
 ReduceSum; the correction is a small ``[K / block, N]`` MatMul.
 
-Blocks and act-order follow export/onnx_int4.py (``plan_blocks``): input columns are sorted by group with one
+Blocks and act-order follow export/graph/int4_ort.py (``plan_blocks``): input columns are sorted by group with one
 ``Gather`` on the activations, a block never straddles a group, and here the block also divides K.
 """
 
