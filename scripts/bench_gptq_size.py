@@ -17,7 +17,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from vexport.quant.checkpoint import write_rtn_checkpoint
+from vexport.export.rtn import write_rtn_checkpoint
 
 
 def tensor_bytes(folder: Path) -> dict[str, int]:

@@ -92,7 +92,7 @@ def vexport_torch(folder: Path, device: str, batch_tokens: int, compile_backbone
 
 def vexport_onnx(folder: Path, workdir: Path, device: str, batch_tokens: int):
     from vexport.backends.onnxrt import _cuda_provider_usable
-    from vexport.batching import pad_batch, token_budget_batches, unpad
+    from vexport.batching import pad_batch, plan_batches, unpad
     from vexport.export.onnx import export_onnx
     from vexport.runtime import load
 
@@ -103,7 +103,7 @@ def vexport_onnx(folder: Path, workdir: Path, device: str, batch_tokens: int):
 
     def score(seqs: Sequence[Sequence[int]]) -> list[np.ndarray]:
         out: list = [None] * len(seqs)
-        for rows in token_budget_batches([len(s) for s in seqs], batch_tokens):
+        for rows in plan_batches([len(s) for s in seqs], batch_tokens):
             ids, mask = pad_batch([seqs[i] for i in rows], 0, "right")
             for i, row in zip(rows, unpad(model.values(ids, mask), mask)):
                 out[i] = row

@@ -34,7 +34,7 @@ def parse_args() -> argparse.Namespace:
 
 def make_models(work: Path) -> dict[str, tuple[Path, Path]]:
     """(fp model, RTN GPTQ folder) per size, built once."""
-    from vexport.quant.checkpoint import write_rtn_checkpoint
+    from vexport.export.rtn import write_rtn_checkpoint
     from vexport.tiny import make_tiny_value_model
 
     models = {}
@@ -65,7 +65,8 @@ def tokens_per_second(model, reps: int) -> float:
 
 def engine_row(name: str, kind: str, fp: Path, gptq: Path, work: Path, reps: int) -> dict:
     from vexport.checker import check
-    from vexport.export.tensorrt import ShapeProfile, build_engine
+    from vexport.export.tensorrt import ShapeProfile
+    from vexport.export.tensorrt_chain import build_engine
     from vexport.manifest import read_manifest
     from vexport.runtime import load
 
@@ -85,7 +86,7 @@ def engine_row(name: str, kind: str, fp: Path, gptq: Path, work: Path, reps: int
 
 def onnx_row(name: str, kind: str, fp: Path, gptq: Path, work: Path) -> dict:
     from vexport.checker import check
-    from vexport.export.onnx_trt import export_tensorrt_onnx
+    from vexport.export.tensorrt_onnx import export_tensorrt_onnx
 
     folder = export_tensorrt_onnx(gptq if kind == "int4" else fp, work / f"onnx-{name}-{kind}", "float16", force=True)
     return {"model": name, "onnx": kind, "check_cpu": check(folder, fp, device="cpu").result.summary()}

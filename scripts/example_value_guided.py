@@ -71,7 +71,7 @@ def main() -> None:
         except VexportError as exc:  # a missing package: its install lines, not a traceback
             raise SystemExit(f"error: {exc}") from None
         if args.int4:
-            from vexport.quant.checkpoint import write_rtn_checkpoint
+            from vexport.export.rtn import write_rtn_checkpoint
 
             folder = write_rtn_checkpoint(folder, workdir / "value-int4", group_size=32, force=True)
         run(vexport.load(folder), policy, args)

@@ -593,14 +593,16 @@ def _smoke_prompts(work: Path) -> Path:
 
 
 def _half_vs_float(folder: Path, name: str, device: str, prompts: Path | None) -> dict:
-    from vexport.checker import run_pair
+    from vexport.batching import pad_id_of, plan_batches
+    from vexport.checker import score
     from vexport.evalset import builtin_prompt_groups, encode_groups, read_prompt_groups
     from vexport.parity import compare, thresholds_for
     from vexport.runtime import load
 
     ref, half = load(folder, device=device, dtype="float32"), load(folder, device=device, dtype="float16")
     samples = encode_groups(ref.tokenizer, read_prompt_groups(prompts) if prompts else builtin_prompt_groups())
-    ref_values, half_values = run_pair(ref, half, samples, 4096, False)
+    batches = plan_batches([len(s.input_ids) for s in samples], 4096)
+    ref_values, half_values = (score(m, samples, batches, pad_id_of(ref)).values for m in (ref, half))
     result = compare(ref_values, half_values, [s.group for s in samples], thresholds_for("torch", "float16"))
     return _parity_row(name, "torch fp16 vs fp32 reference", result)
 

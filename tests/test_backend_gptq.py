@@ -8,10 +8,11 @@ import torch
 from vexport.backends.gptq import TRITON_MAX_TOKENS, GPTQRunner, QuantLinear, dequantize_packed
 from vexport.backends.torch import TorchRunner
 from vexport.batching import pad_batch
+from vexport.export.rtn import write_rtn_checkpoint
 from vexport.kernels.reference import int4_matmul_reference
 from vexport.model import open_model
 from vexport.parity import sqnr_db
-from vexport.quant.checkpoint import quantize_rtn_act_order, write_rtn_checkpoint
+from vexport.quant.checkpoint import quantize_rtn_act_order
 from vexport.quant.pack import TENSOR_NAMES, dequantize_gptq_v1, pack_gptq_v1
 from vexport.quant.reference import quantize_rtn
 from vexport.runtime import load

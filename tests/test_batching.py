@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vexport.batching import pad_batch, token_budget_batches, unpad
+from vexport.batching import pad_batch, plan_batches, unpad
 from vexport.errors import InputError
 
 
 @pytest.mark.parametrize("lengths, budget", [([5, 1, 9, 3, 3, 7], 16), ([1], 1), ([4] * 10, 12), ([30, 2], 8)])
 def test_batches_cover_everything_within_budget(lengths, budget):
-    batches = token_budget_batches(lengths, budget)
+    batches = plan_batches(lengths, budget)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for batch in batches:
         longest = max(lengths[i] for i in batch)
@@ -20,7 +20,7 @@ def test_batches_cover_everything_within_budget(lengths, budget):
 
 def test_bad_budget():
     with pytest.raises(InputError, match="--batch-tokens"):
-        token_budget_batches([1, 2], 0)
+        plan_batches([1, 2], 0)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

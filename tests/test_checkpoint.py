@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from vexport.errors import OutputExistsError, VexportError
+from vexport.export.rtn import write_rtn_checkpoint
 from vexport.manifest import read_manifest
 from vexport.model import open_model
 from vexport.quant.checkpoint import (
@@ -18,7 +19,6 @@ from vexport.quant.checkpoint import (
     gptq_quantization_config,
     is_gptq_config,
     quantize_rtn_act_order,
-    write_rtn_checkpoint,
 )
 from vexport.quant.pack import unpack_gptq_v1
 from vexport.quant.reference import quantize_rtn

@@ -11,7 +11,7 @@ from transformers import AutoConfig, DynamicCache, LlamaForCausalLM
 
 from vexport.decoding import Session, ValueOutputWithPast
 from vexport.errors import InputError
-from vexport.quant.checkpoint import write_rtn_checkpoint
+from vexport.export.rtn import write_rtn_checkpoint
 from vexport.runtime import load
 
 ATOL = 1e-4  # float32, the same for the int4 runtime against its own full recomputation

@@ -180,5 +180,14 @@ def test_scoring_input_file(tmp_path_factory, data, suffix):
     _ends_well(lambda: targets.scoring_input(tmp_path_factory.getbasetemp(), data, suffix))
 
 
-def test_scoring_input_deep_line_with_id(tmp_path_factory):
-    targets.scoring_input(tmp_path_factory.getbasetemp(), b"[" * 5000 + b'"id"\n', ".jsonl")
+def test_scoring_input_deep_line_with_id(tmp_path):
+    """A line nested 5000 deep that names "id": indexing does not recurse into it (no RecursionError) and finds
+    no id column, and the reader hands the line back whole, for the row encoder to reject."""
+    from vexport.scoring.inputs import index_input, read_windows
+
+    line = b"[" * 5000 + b'"id"\n'
+    (tmp_path / "input.jsonl").write_bytes(line)
+    plan = index_input(tmp_path / "input.jsonl", part_rows=2)
+    assert plan.id_kind is None and [f.num_rows for f in plan.files] == [1]
+    windows = list(read_windows(plan, plan.windows(), line_limit=1 << 16))
+    assert [lines for _, lines in windows] == [[line]]

@@ -230,7 +230,7 @@ def test_inside_allows_hub_cache_blobs(tmp_path):
 # --------------------------------------------------------------------------------- GPTQ checkpoints
 @pytest.fixture(scope="module")
 def gptq_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    from vexport.quant.checkpoint import write_rtn_checkpoint
+    from vexport.export.rtn import write_rtn_checkpoint
 
     return write_rtn_checkpoint(tiny_model_dir, tmp_path_factory.mktemp("hostile") / "gptq", group_size=32)
 

@@ -22,7 +22,7 @@ from tests.helpers import run_cli
 from vexport.errors import InputError, ManifestError
 from vexport.export.onnx import export_onnx
 from vexport.manifest import file_entry, is_artifact
-from vexport.quant.checkpoint import write_rtn_checkpoint
+from vexport.export.rtn import write_rtn_checkpoint
 from vexport.runtime import load
 
 BACKENDS = ("torch", "gptq", "onnx")

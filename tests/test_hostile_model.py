@@ -163,7 +163,7 @@ def test_unused_tensors_are_named_in_a_warning(tiny_model_dir, tmp_path, caplog)
 
 
 def test_gptq_tensor_of_the_wrong_shape_is_named(tiny_model_dir, tmp_path):
-    from vexport.quant.checkpoint import write_rtn_checkpoint
+    from vexport.export.rtn import write_rtn_checkpoint
 
     gptq = write_rtn_checkpoint(tiny_model_dir, tmp_path / "gptq", group_size=32)
     name = "model.layers.0.self_attn.v_proj.scales"
@@ -348,7 +348,7 @@ def test_float16_overflow_is_named_under_strict(tiny_model_dir, tmp_path):
 
 def test_gptq_names_the_non_finite_tensor(tiny_model_dir, tmp_path):
     from vexport.model import open_model
-    from vexport.quant.checkpoint import write_rtn_checkpoint
+    from vexport.export.rtn import write_rtn_checkpoint
     from vexport.quant.gptq import GPTQQuantizer
     from vexport.quant.stream import load_layer
 

@@ -1,4 +1,4 @@
-"""The optimized ONNX graph (export/onnx_fused.py): fused ONNX Runtime operators, correct under any padding.
+"""The optimized ONNX graph (export/graph/fused.py): fused ONNX Runtime operators, correct under any padding.
 
 References are each sequence scored alone: by transformers for float graphs, by the int4 torch runtime on the
 same GPTQ checkpoint for int4 graphs (so quantization error never hides a padding bug).
@@ -19,7 +19,7 @@ from vexport.batching import pad_batch
 from vexport.export.onnx import export_onnx
 from vexport.manifest import read_manifest
 from vexport.parity import sqnr_db
-from vexport.quant.checkpoint import write_rtn_checkpoint
+from vexport.export.rtn import write_rtn_checkpoint
 from vexport.runtime import load
 from vexport.tiny import make_tiny_value_model
 

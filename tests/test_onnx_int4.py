@@ -17,8 +17,9 @@ from vexport.artifact import staging_dir
 from vexport.backends.gptq import GPTQRunner
 from vexport.errors import VexportError
 from vexport.export.common import copy_support_files, value_io_spec, write_manifest
+from vexport.export.graph.int4_ort import matmul_nbits_tensors, plan_blocks
 from vexport.export.onnx import export_onnx
-from vexport.export.onnx_int4 import matmul_nbits_tensors, plan_blocks
+from vexport.export.rtn import write_rtn_checkpoint
 from vexport.manifest import read_manifest
 from vexport.model import open_model
 from vexport.parity import sqnr_db
@@ -27,7 +28,6 @@ from vexport.quant.checkpoint import (
     gptq_quantization_config,
     linear_prefixes,
     write_gptq_config,
-    write_rtn_checkpoint,
 )
 from vexport.quant.gptq import quantize_linear
 from vexport.quant.pack import dequantize_gptq_v1, pack_gptq_v1

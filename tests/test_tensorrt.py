@@ -14,13 +14,13 @@ import torch
 from tests.helpers import run_cli
 from vexport.checker import check
 from vexport.errors import MissingDependencyError, VexportError
+from vexport.export.graph.int4_trt import blocked_int4_tensors, pack_int4, trt_block_plan, unpack_int4
 from vexport.export.onnx import export_onnx
-from vexport.export.onnx_trt import export_tensorrt_onnx
-from vexport.export.onnx_trt_int4 import blocked_int4_tensors, pack_int4, trt_block_plan, unpack_int4
+from vexport.export.rtn import write_rtn_checkpoint
+from vexport.export.tensorrt_onnx import export_tensorrt_onnx
 from vexport.manifest import read_manifest
 from vexport.model import open_model
 from vexport.parity import sqnr_db
-from vexport.quant.checkpoint import write_rtn_checkpoint
 from vexport.quant.pack import dequantize_gptq_v1
 from vexport.runtime import load
 
@@ -194,7 +194,8 @@ def test_shape_flags_are_checked():
 @pytest.fixture(scope="module")
 def engines(tiny_model_dir, gptq_dirs, tmp_path_factory):
     pytest.importorskip("tensorrt", reason="needs TensorRT 10+ (pip install 'vexport[tensorrt]')")
-    from vexport.export.tensorrt import ShapeProfile, build_engine
+    from vexport.export.tensorrt import ShapeProfile
+    from vexport.export.tensorrt_chain import build_engine
 
     root, profile = tmp_path_factory.mktemp("engines"), ShapeProfile((1, 1), (4, 64), (8, 128))
     return {"fp16": build_engine(tiny_model_dir, root / "fp16", profile=profile),

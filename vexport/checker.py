@@ -11,34 +11,39 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
-import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from hashlib import sha256
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from vexport import __version__
-from vexport.batching import pad_batch, token_budget_batches, unpad
+from vexport.batching import pad_batch, pad_id_of, plan_batches, run_in_order, unpad
 from vexport.errors import InputError, VexportError
 from vexport.evalset import (EncodedSample, builtin_prompt_groups, encode_groups, long_context_samples,
                              read_prompt_groups)
-from vexport.manifest import MANIFEST_NAME, is_artifact, library_versions, now_iso, read_manifest
-from vexport.parity import STRICT_THRESHOLDS, ParityResult, Thresholds, compare, thresholds_for, worst_sequences
+from vexport.manifest import MANIFEST_NAME, is_artifact, now_iso, read_manifest
+from vexport.parity import STRICT_THRESHOLDS, ParityResult, Thresholds, compare, thresholds_for
 from vexport.paths import refuse_overlap
 from vexport.progress import progress_bar
+from vexport.report import validate_report
+from vexport.report.build import WORST_K, folder_size, single_report, worst_rows
+from vexport.report.build import comparison_report as _comparison_report
+from vexport.report.build import describe as _describe
+from vexport.report.build import reference_entry as _reference_entry
+from vexport.report.build import reference_identity as _reference_identity
+from vexport.report.build import settings as _settings
+from vexport.report.environment import device_name, environment
+from vexport.report.files import ReportPaths, report_paths, write_reports
 from vexport.runtime import ValueModel, check_files, load
 
 log = logging.getLogger(__name__)
 
-WORST_K = 5  # worst sequences kept per artifact
-_REPORT_PACKAGES = ("numpy", "scipy", "matplotlib", "jinja2")  # versions the report adds to the manifest's list
-ReportPaths = str | os.PathLike | Sequence[str | os.PathLike] | None
+__all__ = ["WORST_K", "CheckOutcome", "ComparisonOutcome", "Recorded", "Scored", "artifact_labels", "check",
+           "check_inputs", "check_many", "device_name", "environment", "folder_size", "loosened", "record_parity",
+           "score", "single_report", "worst_rows", "write_reports"]
 T = TypeVar("T")
 
 
@@ -174,12 +179,12 @@ def _compare_all(artifacts: Sequence[str | os.PathLike], reference: str | os.Pat
     samples = _encode_all(artifacts, groups, allow_pickle, verify_hashes, progress)
     if not prompts:  # the built-in set also crosses the model's sliding window and rope thresholds (evalset.py)
         samples = samples + long_context_samples(samples, _config_of(reference))
-    batches = token_budget_batches([len(s.input_ids) for s in samples], batch_tokens)
+    batches = plan_batches([len(s.input_ids) for s in samples], batch_tokens)
     ref, ref_load = _timed(lambda: load(reference, device=device, allow_pickle=allow_pickle))
-    ref_scored = score(ref, samples, batches, _pad_id(ref), progress, "reference")
+    ref_scored = score(ref, samples, batches, pad_id_of(ref), progress, "reference")
     settings = _settings(evalset, len(groups), samples, batch_tokens, seed, thresholds)
     stamp = {"reference": _reference_identity(reference, ref), "evalset": evalset, "checked": created}
-    run = _Run(samples, batches, _pad_id(ref), ref, ref_scored.values, thresholds, device, seed,
+    run = _Run(samples, batches, pad_id_of(ref), ref, ref_scored.values, thresholds, device, seed,
                stamp if record else None, progress)
     entries, results, pending = [], [], []
     for label, artifact in zip(artifact_labels(artifacts), artifacts):
@@ -189,7 +194,7 @@ def _compare_all(artifacts: Sequence[str | os.PathLike], reference: str | os.Pat
         pending += [summary] if summary is not None else []
     ref_entry = _reference_entry(reference, ref, ref_load, ref_scored.timing(samples, batches))
     doc = _comparison_report(created, artifacts, ref_entry, settings, entries, device=ref.device)
-    _validate(doc)
+    validate_report(doc)
     return ComparisonOutcome(results, doc), pending
 
 
@@ -252,36 +257,20 @@ def score(model: ValueModel, samples: Sequence[EncodedSample], batches: Sequence
     The shortest sequence is run once alone before timing: lazy initialisation (sessions, kernels) is not
     scoring. The timing includes the copy of the values to the host, which waits for a GPU to finish.
     """
-    out: list = [None] * len(samples)
     padded = [pad_batch([samples[i].input_ids for i in batch], pad_id) for batch in batches]
     ids, mask = pad_batch([min((s.input_ids for s in samples), key=len)], pad_id)
     _, warmup = _timed(lambda: unpad(model.values(ids, mask), mask))
     seconds = 0.0
     with progress_bar(f"scoring {label}", len(samples), progress) as advance:
-        for batch, (ids, mask) in zip(batches, padded):
-            rows, elapsed = _timed(lambda: unpad(model.values(ids, mask), mask))
+        def run(k: int, rows: Sequence[int]) -> list[np.ndarray]:
+            nonlocal seconds
+            values, elapsed = _timed(lambda: unpad(model.values(*padded[k]), padded[k][1]))
             seconds += elapsed
-            for i, row in zip(batch, rows):
-                out[i] = row
-            advance(len(batch))
+            advance(len(rows))
+            return values
+
+        out = run_in_order(batches, len(samples), run)
     return Scored(out, seconds, warmup)
-
-
-def run_pair(ref: ValueModel, candidate: ValueModel, samples: list[EncodedSample], batch_tokens: int,
-             progress: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per-sequence values of both models on identical right-padded batches, in sample order."""
-    pad_id = _pad_id(candidate)
-    batches = token_budget_batches([len(s.input_ids) for s in samples], batch_tokens)
-    ref_out: list = [None] * len(samples)
-    cand_out: list = [None] * len(samples)
-    with progress_bar("scoring reference and candidate", len(samples), progress) as advance:
-        for batch in batches:
-            ids, mask = pad_batch([samples[i].input_ids for i in batch], pad_id)
-            for out, model in ((ref_out, ref), (cand_out, candidate)):
-                for i, row in zip(batch, unpad(model.values(ids, mask), mask)):
-                    out[i] = row
-            advance(len(batch))
-    return ref_out, cand_out
 
 
 def _timed(work: Callable[[], T]) -> tuple[T, float]:
@@ -353,166 +342,3 @@ def _compared_precision(ref: ValueModel, candidate: ValueModel) -> str:
     if ref.precision == "float16" and candidate.precision == "float32":
         return "float16"
     return candidate.precision
-
-
-def _pad_id(model: ValueModel) -> int:
-    pad = getattr(model.config, "pad_token_id", None)
-    if pad is None:
-        pad = model.tokenizer.pad_token_id
-    return int(pad) if pad is not None else 0
-
-
-# ----------------------------------------------------------------------------------------- report
-def _describe(label: str, model: ValueModel) -> dict[str, Any]:
-    """What the artifact is: format, precision, bits, group size, backend, device, size on disk, export options."""
-    options = dict(model.manifest.format_options) if model.manifest else {}
-    bits = options.get("bits") or {"float32": 32, "float16": 16, "bfloat16": 16}.get(model.precision)
-    export = {k: v for k, v in options.items() if k not in ("operator_counts", "seconds_per_layer")}
-    return {"label": label, "path": str(model.path), "format": model.format, "precision": model.precision,
-            "bits": bits, "group_size": options.get("group_size"), "backend": model.runner.name,
-            "device": str(model.device), "size_bytes": folder_size(model.path), "export": export}
-
-
-def folder_size(path: Path) -> int | None:
-    """Bytes of every file under PATH (None when PATH is not a local folder)."""
-    path = Path(path)
-    if not path.is_dir():
-        return None
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def _reference_identity(reference: str | os.PathLike, ref: ValueModel) -> dict[str, str]:
-    return {"model": str(reference), "backend": ref.runner.name, "device": str(ref.device), "dtype": ref.precision}
-
-
-def _reference_entry(reference, ref: ValueModel, load_seconds: float, timing: dict[str, Any]) -> dict[str, Any]:
-    where = "CUDA" if ref.device.type == "cuda" else ref.device.type.upper()
-    if ref.device.index is not None:
-        where += f" {ref.device.index}"
-    return {**_reference_identity(reference, ref), "path": str(ref.path), "size_bytes": folder_size(ref.path),
-            "load_seconds": load_seconds, "scoring": timing,
-            "description": f"{ref.runner.name} {ref.precision} on {where}"}
-
-
-def worst_rows(samples: Sequence[EncodedSample], ref_values: Sequence[np.ndarray],
-               cand_values: Sequence[np.ndarray], k: int = WORST_K) -> list[dict[str, Any]]:
-    """The k sequences with the largest max |error|: where it is, the final values and the text."""
-    rows = []
-    for index, error in worst_sequences(ref_values, cand_values, k):
-        ref, cand = ref_values[index], cand_values[index]
-        diff = np.abs(cand.astype(np.float64) - ref)
-        sample = samples[index]
-        rows.append({"index": index, "group": sample.group, "response": sample.response, "tokens": len(ref),
-                     "max_abs_error": error, "position": int(np.argmax(np.where(np.isnan(diff), np.inf, diff))),
-                     "reference_final": float(ref[-1]), "candidate_final": float(cand[-1]),
-                     "group_order_kept": _group_order_kept(samples, ref_values, cand_values, sample.group),
-                     "text": sample.text})
-    return rows
-
-
-def _group_order_kept(samples, ref_values, cand_values, group: int) -> bool:
-    """Whether the candidate orders the responses of GROUP (by final value) as the reference does."""
-    members = [i for i, s in enumerate(samples) if s.group == group]
-    ref = np.array([ref_values[i][-1] for i in members])
-    cand = np.array([cand_values[i][-1] for i in members])
-    return bool(np.array_equal(np.argsort(-ref, kind="stable"), np.argsort(-cand, kind="stable")))
-
-
-def _settings(evalset: str, num_groups: int, samples: Sequence[EncodedSample], batch_tokens: int, seed: int,
-              thresholds: Mapping[str, float] | None) -> dict[str, Any]:
-    digest = sha256("\n\0".join(s.text for s in samples).encode("utf-8")).hexdigest()[:16]
-    return {"evalset": {"name": evalset, "groups": num_groups, "sequences": len(samples),
-                        "tokens": int(sum(len(s.input_ids) for s in samples)), "digest": digest},
-            "batch_tokens": batch_tokens, "seed": seed, "threshold_overrides": dict(thresholds or {})}
-
-
-def _comparison_report(created: str, artifacts: Sequence, ref_entry: dict[str, Any], settings: dict[str, Any],
-                       entries: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
-    return {
-        "vexport_version": __version__,
-        "created": created,
-        "reference": ref_entry,
-        "evalset": settings["evalset"],
-        "seed": settings["seed"],
-        "batch_tokens": settings["batch_tokens"],
-        "threshold_overrides": settings["threshold_overrides"],
-        "command": _command(artifacts, ref_entry["model"], settings, device),
-        "environment": environment(device),
-        "passed": all(e["parity"]["passed"] for e in entries),
-        "artifacts": entries,
-    }
-
-
-def _command(artifacts: Sequence, reference: str, settings: dict[str, Any], device: torch.device) -> str:
-    """The `vexport check` line that repeats this comparison."""
-    words = ["vexport", "check", *map(str, artifacts), "--reference", reference]
-    if settings["evalset"]["name"] != "builtin":
-        words += ["--prompts", settings["evalset"]["name"]]
-    words += ["--device", device.type, "--batch-tokens", str(settings["batch_tokens"]), "--seed", str(settings["seed"])]
-    for key, value in settings["threshold_overrides"].items():
-        words += ["--threshold", f"{key}={value:g}"]
-    return shlex.join(words)
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    """The machine and library versions a comparison ran with."""
-    from importlib import metadata
-
-    versions = library_versions()
-    for name in _REPORT_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return {"device": device_name(device), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), **versions}
-
-
-def device_name(device: torch.device) -> str:
-    """'cuda: NVIDIA H100 80GB HBM3' or 'cpu: <model name> (N logical cores)'."""
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    model = platform.processor() or platform.machine()
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"{device.type}: {model} ({os.cpu_count()} logical cores)"
-
-
-def single_report(comparison: Mapping[str, Any]) -> dict[str, Any]:
-    """The one-artifact report (the layout of `vexport check DIR --report r.json`) of a one-artifact comparison."""
-    entry = comparison["artifacts"][0]
-    keys = ("vexport_version", "created", "reference", "evalset", "seed", "environment")
-    return {**{k: comparison[k] for k in keys},
-            "artifact": {k: entry[k] for k in ("path", "format", "precision", "backend", "device")},
-            "parity": entry["parity"], "worst": [{k: w[k] for k in ("index", "max_abs_error", "text")}
-                                                 for w in entry["worst"]]}
-
-
-def _validate(doc: Mapping[str, Any]) -> None:
-    from vexport.report.schema import validate_report
-
-    validate_report(doc)
-
-
-def report_paths(paths: ReportPaths) -> list[Path]:
-    """REPORT as a list of paths, each checked (a known suffix, not a folder)."""
-    from vexport.report import check_report_path
-
-    if paths is None:
-        return []
-    return [check_report_path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
-
-
-def write_reports(paths: ReportPaths, comparison: Mapping[str, Any],
-                  single: Mapping[str, Any] | None = None) -> list[Path]:
-    """Write every report path: HTML always gets the comparison; JSON/Markdown get SINGLE when given."""
-    from vexport.report import write_report
-
-    written = []
-    for path in report_paths(paths):
-        html = path.suffix.lower() == ".html"
-        written.append(write_report(path, comparison if single is None or html else single))
-    return written

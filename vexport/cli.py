@@ -154,26 +154,20 @@ def export(
 
     check_model_name(model)  # a mistyped path fails before torch and transformers are imported
     _check_device(device)
+    from vexport.export import GPTQOptions, OnnxOptions, TensorRTOptions, export as export_model
+
     if format is Format.tensorrt:
-        from vexport.export.tensorrt import ShapeProfile, build_engine, parse_shape
+        from vexport.export.tensorrt import ShapeProfile, parse_shape
 
         profile = ShapeProfile(parse_shape(min_shape, "--min-shape"), parse_shape(opt_shape, "--opt-shape"),
                                parse_shape(max_shape, "--max-shape"))
-        path = build_engine(model, output, profile=profile, fp16=fp16, int4=int4, reference=reference, force=force,
-                            progress=True)
+        options = TensorRTOptions(profile, fp16, int4=True if int4 else None, reference=reference)
     elif format is Format.onnx:
-        from vexport.export.onnx import export_onnx
-
-        path = export_onnx(model, output, dtype.value, optimize=optimize, force=force, allow_pickle=allow_pickle,
-                           int4_accuracy_level=4 if int8_activations else None, strict=strict, progress=True)
+        options = OnnxOptions(dtype.value, optimize, int8_activations, allow_pickle, strict)
     else:
-        from vexport.export.gptq import export_gptq
-        from vexport.quant.stream import GPTQOptions
-
-        options = GPTQOptions(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act)
-        path = export_gptq(model, output, options, value_calibration=value_calibration, calibration=calibration,
-                           samples=samples, seq_len=seq_len, device=device, force=force, allow_pickle=allow_pickle,
-                           progress=True)
+        options = GPTQOptions(bits, group_size, desc_act, sym, value_calibration, calibration, samples, seq_len,
+                              device=device, allow_pickle=allow_pickle)
+    path = export_model(model, output, format.value, options, force=force, progress=True)
     out.print(f"wrote {path}")
 
 

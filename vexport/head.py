@@ -68,10 +68,12 @@ class ValueHead:
         self.backbone = prenorm_backbone(module) if self.fused else module.model
 
     def values(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor,
-               index: Tensor | None = None) -> Tensor:
+               index: Tensor | None = None, backbone: nn.Module | None = None) -> Tensor:
         """[B, T] (or [K] for ``index``) values; ``attention_mask=None`` means no padding to mask
-        (right-padded batches may pass None: causal attention never lets a real token see padding after it)."""
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False)
+        (right-padded batches may pass None: causal attention never lets a real token see padding after it).
+        ``backbone``: a stand-in for ``self.backbone`` (its ``torch.compile``d form)."""
+        backbone = self.backbone if backbone is None else backbone
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False)
         hidden = out.last_hidden_state
         return fused_values(self.module, hidden, index) if self.fused else hf_values(self.module, hidden, index)

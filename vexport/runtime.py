@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers.modeling_outputs import TokenClassifierOutput
 
+from vexport.backends.base import Runner
 from vexport.errors import InputError, ManifestError
 from vexport.manifest import MANIFEST_NAME, Manifest, check_format_files, is_artifact, read_manifest
 
@@ -30,7 +31,7 @@ _CACHE_KWARGS = ("past_key_values", "cache")  # the transformers 4 and 5 names o
 class ValueModel:
     """A value model on some backend. ``model(input_ids=..., attention_mask=...).logits`` is [B, T, 1]."""
 
-    def __init__(self, runner, config, path: Path, manifest: Manifest | None = None):
+    def __init__(self, runner: Runner, config, path: Path, manifest: Manifest | None = None):
         self.runner = runner
         self.config = config
         self.path = path
@@ -79,7 +80,7 @@ class ValueModel:
     def _wants_cache(self, kwargs: dict) -> bool:
         """A cache was passed (any backend: the others refuse it by name), or asked for on a torch backend."""
         passed = any(kwargs.get(name) is not None for name in _CACHE_KWARGS)
-        return passed or bool(kwargs.get("use_cache")) and hasattr(self.runner, "module")
+        return passed or bool(kwargs.get("use_cache")) and self.runner.incremental
 
     def _call_with_cache(self, input_ids, attention_mask, kwargs: dict):
         """``input_ids`` are the new tokens; ``attention_mask`` covers the cached and the new ones. Returns
@@ -114,10 +115,7 @@ class ValueModel:
         return self._run_rows(ids, mask, self._values, (), torch.float32)
 
     def _values(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if hasattr(self.runner, "values"):  # torch backends: the fused head on CUDA (vexport/head.py)
-            values = self.runner.values(ids, mask).to(self.device)
-        else:
-            values = self.runner.logits(ids, mask)[..., 0].float().to(self.device)
+        values = self.runner.values(ids, mask).to(self.device)  # torch backends: the fused head on CUDA
         return values * mask.to(values.device)
 
     def sequence_values(self, input_ids, attention_mask=None) -> torch.Tensor:
@@ -127,14 +125,9 @@ class ValueModel:
         return self._run_rows(ids, mask, self._sequence_values, None, torch.float32)
 
     def _sequence_values(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if hasattr(self.runner, "values"):  # torch backends: the head runs at the last tokens only
-            from vexport.head import last_token_index
+        from vexport.head import last_token_index
 
-            return self.runner.values(ids, mask, index=last_token_index(mask)).to(self.device)
-        values = self._values(ids, mask)
-        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-        last = torch.where(mask.bool(), positions, -1).amax(dim=1).clamp_min(0)
-        return values.gather(1, last.to(values.device)[:, None])[:, 0]
+        return self.runner.values(ids, mask, index=last_token_index(mask)).to(self.device)  # the last tokens only
 
     def _run_rows(self, ids: torch.Tensor, mask: torch.Tensor, run, tail: tuple[int, ...] | None,
                   dtype: torch.dtype) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Scoring many sequences on a torch backend without wasted work: the fast path for CUDA.
 
-- Batches are planned under a token budget, longest first (``vexport.batching.token_budget_batches``), so
+- Batches are planned under a token budget, longest first (``vexport.batching.plan_batches``), so
   the sequences of a batch have similar lengths and little padding is computed.
 - Batches are right-padded and run without an attention mask: under causal attention a real token never
   sees the padding after it, so its value is exact, and transformers' SDPA path runs with ``is_causal``
@@ -9,7 +9,8 @@
 - The head reads only the real tokens (or only each sequence's last token): an ``index`` tensor built on
   the host from the lengths, sent with the batch (pinned memory, ``non_blocking``), so the fused value
   head (``vexport.head``) never touches padding.
-- Nothing is read back per batch: results stay on the device and are copied to the host once, at the end.
+- Nothing is read back per batch: results stay on the device (put in input order by the shared loop,
+  ``vexport.batching.run_in_order``) and are copied to the host once, at the end.
 - ``compile=True`` wraps the backbone in ``torch.compile(dynamic=True)`` (worth it for long runs of
   similar shapes; the first batches pay for compilation).
 
@@ -26,7 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vexport.batching import token_budget_batches
+from vexport.backends.base import IncrementalRunner
+from vexport.batching import DEFAULT_BATCH_TOKENS, plan_batches, run_in_order
 from vexport.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FastScoringOptions:
-    batch_tokens: int = 16384  # padded tokens per batch (batch size x longest length)
+    batch_tokens: int = DEFAULT_BATCH_TOKENS  # padded tokens per batch (batch size x longest length)
     compile: bool = False  # torch.compile the backbone (dynamic shapes)
 
 
@@ -51,48 +53,40 @@ class HostBatch:
 class FastScorer:
     """``scorer.sequence_values(seqs)`` -> float32 [N]; ``scorer.token_values(seqs)`` -> per-sequence arrays.
 
-    ``runner`` is a torch backend (``TorchRunner`` or ``GPTQRunner``): its ``head`` (``vexport.head.ValueHead``)
-    and ``device`` are used; inputs are lists of token ids.
+    ``runner`` is an ``IncrementalRunner`` (``TorchRunner`` or ``GPTQRunner``): its ``positional_values``
+    runs each batch; inputs are lists of token ids.
     """
 
-    def __init__(self, runner, options: FastScoringOptions = FastScoringOptions(), pad_id: int = 0):
+    def __init__(self, runner: IncrementalRunner, options: FastScoringOptions = FastScoringOptions(),
+                 pad_id: int = 0):
+        if not runner.incremental:
+            raise InputError(f"the fast scorer runs torch backends (torch, gptq), not {runner.name}")
         self.runner, self.options, self.pad_id = runner, options, pad_id
         self.device = torch.device(runner.device)
-        self.head = runner.head
-        self.backbone = torch.compile(self.head.backbone, dynamic=True) if options.compile else self.head.backbone
 
     def sequence_values(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         """float32 [N]: each sequence's value at its last token, in input order."""
-        outputs, order = self._run(sequences, last_only=True)
-        values = torch.cat(outputs).cpu().numpy() if outputs else np.zeros(0, np.float32)
-        result = np.empty(len(sequences), np.float32)
-        result[order] = values
-        return result
+        values = self._run(sequences, last_only=True)
+        return torch.stack(values).cpu().numpy() if values else np.zeros(0, np.float32)
 
     def token_values(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Per-token float32 values of each sequence (its real tokens only), in input order."""
-        outputs, order = self._run(sequences, last_only=False)
-        flat = torch.cat(outputs).cpu().numpy() if outputs else np.zeros(0, np.float32)
-        ends = np.cumsum([len(sequences[i]) for i in order])
-        pieces = np.split(flat, ends[:-1]) if len(order) else []
-        result: list[np.ndarray] = [np.zeros(0, np.float32)] * len(sequences)
-        for i, piece in zip(order, pieces):
-            result[i] = piece
-        return result
+        values = self._run(sequences, last_only=False)
+        flat = torch.cat(values).cpu().numpy() if values else np.zeros(0, np.float32)
+        return np.split(flat, np.cumsum([len(s) for s in sequences])[:-1]) if len(sequences) else []
 
     @torch.inference_mode()
-    def _run(self, sequences: Sequence[Sequence[int]], last_only: bool) -> tuple[list[Tensor], list[int]]:
-        """Device tensors of values, batch by batch, and the input rows in the order they come out."""
+    def _run(self, sequences: Sequence[Sequence[int]], last_only: bool) -> list[Tensor]:
+        """One device tensor per sequence, in input order: its last value (0-d) or its per-token values."""
         lengths = [len(s) for s in sequences]
         if any(n == 0 for n in lengths):
             raise InputError("every sequence needs at least one token")
-        outputs: list[Tensor] = []
-        order: list[int] = []
-        for rows in token_budget_batches(lengths, self.options.batch_tokens) if sequences else []:
-            batch = self._host_batch(sequences, rows, last_only)
-            outputs.append(self._values(batch))
-            order += rows
-        return outputs, order
+
+        def run(_: int, rows: Sequence[int]) -> Sequence[Tensor]:
+            values = self._values(self._host_batch(sequences, rows, last_only))
+            return values.unbind() if last_only else values.split([lengths[i] for i in rows])
+
+        return run_in_order(plan_batches(lengths, self.options.batch_tokens), len(sequences), run)
 
     def _host_batch(self, sequences: Sequence[Sequence[int]], rows: list[int], last_only: bool) -> HostBatch:
         lengths = [len(sequences[i]) for i in rows]
@@ -115,12 +109,7 @@ class FastScorer:
 
     def _values(self, batch: HostBatch) -> Tensor:
         """Copy in without waiting, run the backbone with no mask (causal, right-padded) and the head at index."""
-        from vexport.head import fused_values, hf_values
-
         ids = batch.input_ids.to(self.device, non_blocking=True)
         positions = batch.position_ids.to(self.device, non_blocking=True)
         index = batch.index.to(self.device, non_blocking=True)
-        hidden = self.backbone(input_ids=ids, attention_mask=None, position_ids=positions,
-                               use_cache=False).last_hidden_state
-        head = fused_values if self.head.fused else hf_values
-        return head(self.head.module, hidden, index)
+        return self.runner.positional_values(ids, None, positions, index, compiled=self.options.compile)

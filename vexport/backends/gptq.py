@@ -24,9 +24,8 @@ import os
 import torch
 from torch import Tensor, nn
 
-from vexport.backends.torch import position_ids
+from vexport.backends.base import ModuleRunner
 from vexport.errors import VexportError
-from vexport.head import ValueHead
 from vexport.quant.checkpoint import QUANTIZED_LINEARS, gptq_options
 from vexport.quant.pack import V1_ZERO_OFFSET
 
@@ -102,11 +101,11 @@ def dequantize_packed(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Te
     return weight.T.to(dtype)
 
 
-class GPTQRunner:
+class GPTQRunner(ModuleRunner):
     """A GPTQ v1 checkpoint folder as a runner: ``logits(input_ids, attention_mask) -> [B, T, 1]``.
 
-    ``module`` is the transformers ``LlamaForTokenClassification`` with QuantLinear layers, so callers can run
-    ``module.model`` (the backbone) and ``module.score`` (the head) apart.
+    ``module`` is the transformers ``LlamaForTokenClassification`` with QuantLinear layers; ``values`` runs
+    the fused norm + score on CUDA (vexport/head.py), as the fp reference does.
     """
 
     name = "gptq"
@@ -117,28 +116,14 @@ class GPTQRunner:
 
         source = open_model(folder)
         self.options = gptq_options(source.config, source.path / "config.json")
-        self.device = torch.device(device) if device is not None else \
+        device = torch.device(device) if device is not None else \
             torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
-        self.module = build_quantized_module(source, self.device, self.dtype).eval()
-        self.head = ValueHead(self.module)  # fused norm + score on CUDA (vexport/head.py)
+        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        super().__init__(build_quantized_module(source, device, dtype), device=device)
         if self.device.type == "cuda" and not triton_available():
             log.warning("triton is not installed: int4 matmuls dequantize then use cuBLAS at every batch size "
                         "(pip install 'vexport[triton]' for the fused kernel)")
         log.info("GPTQ int4 model from %s on %s (%s activations)", source.path, self.device, self.dtype)
-
-    @torch.inference_mode()
-    def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        ids, mask = input_ids.to(self.device), attention_mask.to(self.device)
-        out = self.module(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
-        return out.logits
-
-    @torch.inference_mode()
-    def values(self, input_ids: Tensor, attention_mask: Tensor, index: Tensor | None = None) -> Tensor:
-        """float32 values [B, T] (padding not zeroed), or [K] at ``index`` (flat ``b * T + t`` positions)."""
-        ids, mask = input_ids.to(self.device, non_blocking=True), attention_mask.to(self.device, non_blocking=True)
-        index = index.to(self.device, non_blocking=True) if index is not None else None
-        return self.head.values(ids, mask, position_ids(mask), index)
 
 
 def build_quantized_module(source, device: torch.device, dtype: torch.dtype) -> nn.Module:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vexport.backends.base import Runner
 from vexport.errors import CorruptFileError, ManifestError, MissingDependencyError
 from vexport.manifest import MANIFEST_NAME
 
@@ -35,7 +36,7 @@ def warn_if_two_runtimes() -> None:
                     " and ".join(found), GPU_INSTALL)
 
 
-class OnnxRuntimeRunner:
+class OnnxRuntimeRunner(Runner):
     """One InferenceSession over an exported graph; logits [B, T, 1] float32 as a torch tensor."""
 
     name = "onnxruntime"

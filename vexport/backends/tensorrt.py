@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from vexport.backends.base import Runner
 from vexport.errors import ManifestError, MissingDependencyError, VexportError
 from vexport.manifest import Manifest
 
@@ -37,13 +38,13 @@ def engine_mismatch(recorded: dict, current: dict) -> str | None:
     return "the engine was built for " + " and ".join(problems) + ": rebuild it here with vexport export ... --format tensorrt"
 
 
-class TensorRTRunner:
+class TensorRTRunner(Runner):
     """logits(input_ids, attention_mask) -> float32 [B, T, 1] on the engine's GPU."""
 
     name = "tensorrt"
 
     def __init__(self, folder: Path, manifest: Manifest, device: str | torch.device | None = None):
-        from vexport.export.tensorrt import gpu_identity, require_tensorrt
+        from vexport.backends.tensorrt_env import gpu_identity, require_tensorrt
 
         trt = require_tensorrt()
         self.device = torch.device(device or "cuda")

@@ -16,8 +16,8 @@ from torch import Tensor
 from transformers import Cache, DynamicCache
 from transformers.utils import ModelOutput
 
-from vexport.backends.torch import position_ids
-from vexport.decoding.forward import backbone, cache_kwarg, check_length, module_device, value_module
+from vexport.batching import position_ids
+from vexport.decoding.forward import check_length, incremental_runner
 from vexport.errors import InputError
 
 
@@ -36,21 +36,18 @@ class ValueOutputWithPast(ModelOutput):
 @torch.inference_mode()
 def forward_with_cache(model, ids: Tensor, attention_mask, cache: Cache | None) -> ValueOutputWithPast:
     """One incremental call: ``ids`` ``[B, n]`` after the ``cache``'s tokens; ``attention_mask`` covers both."""
-    module = value_module(model)
+    runner = incremental_runner(model)
     if cache is None:
-        cache = DynamicCache(config=module.config)
+        cache = DynamicCache(config=runner.config)
     elif not isinstance(cache, Cache):
         raise InputError(f"past_key_values must be a transformers Cache (e.g. DynamicCache), "
                          f"got {type(cache).__name__}")
     past = cache.get_seq_length()
     mask = _full_mask(ids, attention_mask, past)
-    check_length(int(mask.sum(-1).max()), module.config)
-    device = module_device(module)
-    ids, mask = ids.to(device), mask.to(device)
-    body = backbone(module)
-    hidden = body(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)[:, past:], use_cache=True,
-                  **{cache_kwarg(type(body)): cache}).last_hidden_state
-    return ValueOutputWithPast(logits=module.score(hidden), cache=cache)
+    check_length(int(mask.sum(-1).max()), runner.config)
+    ids, mask = ids.to(runner.device), mask.to(runner.device)
+    logits = runner.cached_logits(ids, mask, position_ids(mask)[:, past:], cache)
+    return ValueOutputWithPast(logits=logits, cache=cache)
 
 
 def _full_mask(ids: Tensor, attention_mask, past: int) -> Tensor:

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from vexport.decoding.cache import TreeCache
-from vexport.decoding.forward import (check_length, check_tokens, module_device, module_dtype, value_forward,
-                                      value_module)
+from vexport.backends.base import IncrementalRunner
+from vexport.decoding.forward import check_length, check_tokens, incremental_runner
 from vexport.decoding.inputs import Chunk, batched_rows, candidate_lists, pad_right, prompt_batch, token_list
 from vexport.errors import InputError
 
@@ -76,12 +76,12 @@ class Session:
 
     @torch.inference_mode()
     def __init__(self, model, prompt_ids, attention_mask=None):
-        self._module = value_module(model)
-        self.config = self._module.config
+        self._runner = incremental_runner(model)
+        self.config = self._runner.config
         ids, mask, self.batched = prompt_batch(prompt_ids, attention_mask)
         check_tokens(ids, self.config, "prompt_ids")
         check_length(ids.shape[1], self.config)
-        self._device, self._dtype = module_device(self._module), module_dtype(self._module)
+        self._device, self._dtype = self._runner.device, self._runner.dtype
         self._state = TreeCache(self.config, ids.shape[0], self._device)
         self._ids = torch.zeros(ids.shape[0], 0, dtype=torch.long, device=self._device)
         self._values = torch.zeros(ids.shape[0], 0, dtype=torch.float32, device=self._device)
@@ -115,7 +115,7 @@ class Session:
         self._state.discard()
         mask, positions = self._state.tree_inputs(tree.owner, tree.depth, self._dtype)
         ids = tree.ids.to(self._device)
-        self._tree_values = value_forward(self._module, ids, mask, positions, self._state.cache)
+        self._tree_values = self._runner.cached_values(ids, mask, positions, self._state.cache)
         self._tree = tree
         return self._unbatch(self._tree_values.gather(1, tree.last.to(self._device)))
 
@@ -138,7 +138,7 @@ class Session:
 
     def _append(self, ids: Tensor, mask: Tensor) -> Tensor:
         ids, mask = ids.to(self._device), mask.to(self._device)
-        return self._record(ids, run_block(self._module, self._state, ids, mask) * mask)
+        return self._record(ids, run_block(self._runner, self._state, ids, mask) * mask)
 
     def _keep(self, index: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
         log.debug("advance reuses the scored candidate's keys and values (%d tokens)", index.shape[1])
@@ -163,9 +163,9 @@ class Session:
         return f"Session(batch={self._state.batch}, tokens={self._state.committed}, batched={self.batched})"
 
 
-def run_block(module: torch.nn.Module, state: TreeCache, ids: Tensor, mask: Tensor) -> Tensor:
+def run_block(runner: IncrementalRunner, state: TreeCache, ids: Tensor, mask: Tensor) -> Tensor:
     """Run and commit ``ids`` ``[B, n]`` (``mask`` 0: padding) after the cached tokens; float32 values ``[B, n]``."""
     attention, positions = state.block_inputs(mask)
-    values = value_forward(module, ids, attention, positions, state.cache)
+    values = runner.cached_values(ids, attention, positions, state.cache)
     state.commit_block(mask)
     return values

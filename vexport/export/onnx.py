@@ -15,23 +15,22 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper
 
 from vexport.artifact import check_output, staging_dir
 from vexport.errors import VexportError
 from vexport.export.common import copy_support_files, write_manifest
-from vexport.export.onnx_fused import build_fused_graph, fusable
-from vexport.export.onnx_graph import INPUT_NAMES, OPSET, OUTPUT_NAME, WeightSpec, build_graph
-from vexport.export.onnx_int4 import MatMulNBitsEmitter, add_contrib_opset
+from vexport.export.graph.contrib import add_contrib_opset
+from vexport.export.graph.fused import build_fused_graph, fusable
+from vexport.export.graph.int4_ort import MatMulNBitsEmitter
+from vexport.export.graph.plain import INPUT_NAMES, OPSET, OUTPUT_NAME, WeightSpec, build_graph
+from vexport.export.graph.weights import tensor_reader, write_weights
 from vexport.model import ModelSource, open_model
-from vexport.progress import progress_bar
 from vexport.quant.checkpoint import is_gptq_config
 
 log = logging.getLogger(__name__)
 
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-_ALIGN = 4096  # page-aligned tensors, so ONNX Runtime can memory-map the external data
 _TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16}
 # MatMulNBits accuracy_level of the optimized int4 graph. 4: ONNX Runtime's CPU kernel multiplies int8-quantized
 # activations (per token and block) with the int4 codes, 1.6x the float-compute speed at 1x64 on the project's
@@ -47,7 +46,7 @@ def export_onnx(model: str | os.PathLike, output: str | os.PathLike, dtype: str 
                 allow_pickle: bool = False, strict: bool = False, progress: bool = False) -> Path:
     """Export a value model to OUTPUT/model.onnx (+ external data, config, tokenizer, manifest.json).
 
-    ``optimize`` (the default) writes ONNX Runtime's fused graph (export/onnx_fused.py); ``optimize=False`` the
+    ``optimize`` (the default) writes ONNX Runtime's fused graph (export/graph/fused.py); ``optimize=False`` the
     plain opset-17 graph that any ONNX runtime runs. ``int4_accuracy_level`` is MatMulNBits' ``accuracy_level`` in
     the optimized int4 graph (4, the default: int8 activations on CPU; None: float compute, the checkpoint's exact
     numerics). NaN or infinite weights are logged as a warning naming the first such tensor; ``strict`` refuses
@@ -57,19 +56,25 @@ def export_onnx(model: str | os.PathLike, output: str | os.PathLike, dtype: str 
     output = Path(output)
     check_output(output, force, inputs=(model,))
     source = open_model(model, allow_pickle=allow_pickle)
-    # --- int4: a GPTQ source folder gives MatMulNBits Linears (export/onnx_int4.py) ---
-    int4 = MatMulNBitsEmitter(source, int4_accuracy_level) if is_gptq_config(source.config) else None
-    graph, weights, optimized = _build(source, dtype, int4, optimize)
+    reason = fusable(source.config) if optimize else None
+    if reason:
+        log.warning("writing the plain ONNX graph: %s", reason)
+    optimized = optimize and reason is None
+    # --- int4: a GPTQ source folder gives MatMulNBits Linears (export/graph/int4_ort.py); the plain graph computes
+    # them in float, as the runtimes that run it do ---
+    level = int4_accuracy_level if optimized else None
+    int4 = MatMulNBitsEmitter(source, level) if is_gptq_config(source.config) else None
+    graph, weights = _build(source, dtype, int4, optimized)
     precision, options = dtype, _format_options(graph, optimized)
     if int4 is not None:
         add_contrib_opset(graph)
         precision, options = "int4", {**options, **int4.format_options(dtype)}
     # --- end int4 ---
-    finite = FiniteCheck(_tensor_reader(source), source.path, strict)
+    finite = FiniteCheck(tensor_reader(source), source.path, strict)
     if strict and not source.pickle:  # refused before anything is written
         finite.scan(sorted(source.tensors), dtype)
     with staging_dir(output, force) as tmp:
-        _write_weights(graph, weights, finite, tmp / DATA_FILE, dtype, progress, finite.written)
+        write_weights(graph, weights, finite, tmp / DATA_FILE, dtype, progress, finite.written)
         onnx.save_model(graph, tmp / GRAPH_FILE)
         onnx.checker.check_model(str(tmp / GRAPH_FILE))
         copy_support_files(source.path, tmp)
@@ -101,8 +106,8 @@ class FiniteCheck:
             if tensor.is_floating_point() and tensor.numel() and float(tensor.abs().max()) > limit:
                 self._found(name, f"has values beyond the {dtype} range (infinite once cast)")
 
-    def written(self, spec: WeightSpec, array: np.ndarray) -> None:
-        if array.dtype.kind == "f" and not bool(np.isfinite(array).all()):
+    def written(self, spec: WeightSpec, array) -> None:
+        if isinstance(array, np.ndarray) and array.dtype.kind == "f" and not bool(np.isfinite(array).all()):
             self._found(spec.source, f"holds NaN or infinite values as written in {array.dtype}")
 
     def _found(self, name: str, why: str = "holds NaN or infinite values") -> None:
@@ -124,19 +129,11 @@ def _io_spec() -> tuple[list[dict], list[dict]]:
 
 
 def _build(source: ModelSource, dtype: str, int4: MatMulNBitsEmitter | None,
-           optimize: bool) -> tuple[onnx.ModelProto, list[WeightSpec], bool]:
-    """The fused graph when asked for and the config allows it, else the plain one."""
-    reason = fusable(source.config) if optimize else None
-    if optimize and reason is None:
-        graph, weights = build_fused_graph(source.config, dtype, source.score_has_bias,
-                                           linear=int4.fused if int4 is not None else None)
-        return graph, weights, True
-    if reason:
-        log.warning("writing the plain ONNX graph: %s", reason)
-    if int4 is not None:
-        int4.accuracy_level = None  # the plain graph computes MatMulNBits in float, as the runtimes that run it
-    graph, weights = build_graph(source.config, dtype, source.score_has_bias, linear=int4)
-    return graph, weights, False
+           optimized: bool) -> tuple[onnx.ModelProto, list[WeightSpec]]:
+    """The fused graph (``optimized``) or the plain one."""
+    if optimized:
+        return build_fused_graph(source.config, dtype, source.score_has_bias, linears=int4)
+    return build_graph(source.config, dtype, source.score_has_bias, linear=int4)
 
 
 def _format_options(graph: onnx.ModelProto, optimized: bool) -> dict:
@@ -145,49 +142,3 @@ def _format_options(graph: onnx.ModelProto, optimized: bool) -> dict:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     return {"graph": GRAPH_FILE, "external_data": DATA_FILE, "opset": OPSET, "optimized": optimized,
             "runtime": "onnxruntime" if optimized else "any", "operator_counts": dict(sorted(ops.items()))}
-
-
-def _tensor_reader(source: ModelSource) -> Callable[[str], torch.Tensor]:
-    if not source.pickle:
-        return source.read_tensor
-    state = source.load_torch().state_dict()  # pickle weights (allowed explicitly): one copy in memory
-    return state.__getitem__
-
-
-def _write_weights(graph: onnx.ModelProto, weights: list[WeightSpec], read: Callable[[str], torch.Tensor],
-                   data_file: Path, dtype: str, progress: bool,
-                   written: Callable[[WeightSpec, np.ndarray], None] | None = None) -> None:
-    offset = 0
-    with open(data_file, "wb") as fh, progress_bar("writing ONNX weights", len(weights), progress) as advance:
-        for spec in weights:
-            array = spec.make(read) if spec.make else _prepare(read(spec.source), spec, dtype)
-            if written is not None:
-                written(spec, array)
-            offset = _align(fh, offset)
-            fh.write(memoryview(np.ascontiguousarray(array)).cast("B"))
-            graph.graph.initializer.append(_external(spec.name, array, offset))
-            offset += array.nbytes
-            del array
-            advance()
-
-
-def _prepare(tensor: torch.Tensor, spec: WeightSpec, dtype: str):
-    tensor = tensor.to(_TORCH_DTYPE[dtype])
-    if spec.transpose:
-        tensor = tensor.t()
-    return tensor.contiguous().numpy()
-
-
-def _align(fh, offset: int) -> int:
-    pad = (-offset) % _ALIGN
-    fh.write(b"\0" * pad)
-    return offset + pad
-
-
-def _external(name: str, array: np.ndarray, offset: int) -> TensorProto:
-    tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=list(array.shape))
-    tensor.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(array.nbytes))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
-    return tensor

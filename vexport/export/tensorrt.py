@@ -1,8 +1,10 @@
-"""TensorRT engines from the TensorRT-bound ONNX (export/onnx_trt.py), with TensorRT's Python API (10.x+).
+"""TensorRT engines from the TensorRT-bound ONNX (export/tensorrt_onnx.py), with TensorRT's Python API (10.x+).
 
-The steps, each one call of the documented API:
-1. the ONNX folder is checked on ONNX Runtime against its reference (``vexport.check``), so the graph's
-   numerics are known before TensorRT sees it;
+``write_engine`` builds one from an ONNX folder whose parity on ONNX Runtime the caller has checked
+(``vexport.export.tensorrt_chain`` runs export, check and build in that order). The steps, each one call of
+the documented API:
+1. the ONNX folder's parity summary is given (``vexport.check`` against its reference, run before), so the
+   graph's numerics are known before TensorRT sees it;
 2. ``trt.OnnxParser`` fills a STRONGLY_TYPED network (types come from the ONNX: float16 activations, INT4
    weights behind blocked DequantizeLinear), so no precision flags are set;
 3. one optimization profile over (batch, sequence) for both inputs;
@@ -15,17 +17,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vexport.artifact import OWNER_FILE, check_output, staging_dir
-from vexport.errors import MissingDependencyError, VexportError
+from vexport.artifact import OWNER_FILE
+from vexport.backends.tensorrt_env import gpu_identity, require_tensorrt
+from vexport.errors import VexportError
 from vexport.export.common import copy_support_files
+from vexport.export.graph.plain import INPUT_NAMES
 from vexport.export.onnx import GRAPH_FILE
-from vexport.export.onnx_graph import INPUT_NAMES
-from vexport.manifest import MANIFEST_NAME, Manifest, file_entry, library_versions, now_iso, read_manifest
+from vexport.manifest import Manifest, file_entry, library_versions, now_iso, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,6 @@ ENGINE_FILE = "model.engine"
 TIMING_CACHE_FILE = "timing.cache"
 LAYERS_FILE = "layers.json"
 ONNX_SUBDIR = "onnx"
-INSTALL_HINT = "pip install 'vexport[tensorrt]' (TensorRT 10 or newer) on a machine with an NVIDIA GPU and CUDA"
 
 
 @dataclass(frozen=True)
@@ -62,96 +63,20 @@ def parse_shape(text: str, flag: str) -> tuple[int, int]:
     return batch, seq
 
 
-def require_tensorrt():
-    """The tensorrt module, or a one-line MissingDependencyError saying what is missing and how to install it."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise MissingDependencyError(f"TensorRT is not installed (import tensorrt failed): {INSTALL_HINT}") from None
-    if not hasattr(trt, "Builder") or int(str(trt.__version__).split(".")[0]) < 10:
-        raise MissingDependencyError(f"tensorrt {getattr(trt, '__version__', '?')} is not TensorRT 10+: {INSTALL_HINT}")
-    import torch
-
-    if not torch.cuda.is_available():
-        raise MissingDependencyError(f"TensorRT needs a CUDA GPU and torch sees none: {INSTALL_HINT}")
-    return trt
-
-
-def gpu_identity(device_index: int = 0) -> dict[str, str]:
-    """What an engine is tied to: the GPU's name and compute capability, and the TensorRT version."""
-    import tensorrt as trt
-    import torch
-
-    major, minor = torch.cuda.get_device_capability(device_index)
-    return {"gpu": torch.cuda.get_device_name(device_index), "compute_capability": f"{major}.{minor}",
-            "tensorrt_version": trt.__version__}
-
-
-def build_engine(model_or_onnx: str | os.PathLike, output: str | os.PathLike, *, profile: ShapeProfile = ShapeProfile(),
-                 fp16: bool = True, int4: bool = False, reference: str | os.PathLike | None = None,
-                 force: bool = False, progress: bool = False) -> Path:
-    """Build OUTPUT/model.engine from a value model, a GPTQ folder (int4) or a TensorRT-bound ONNX folder."""
+def write_engine(onnx_dir: Path, folder: Path, profile: ShapeProfile, parity: dict[str, Any],
+                 timing_cache: bytes = b"") -> None:
+    """Build the engine of the TensorRT-bound ONNX in ONNX_DIR into FOLDER (engine, timing cache, layer list,
+    config, tokenizer, manifest). PARITY is the ONNX graph's parity summary, checked by the caller
+    (``vexport.export.tensorrt_chain``), recorded in the manifest as ``onnx_parity``."""
     trt = require_tensorrt()
-    profile.check(None)  # the order of the shapes now; max_position_embeddings once the config is read
-    output = Path(output)
-    check_output(output, force, inputs=(model_or_onnx, reference))
-    cache = (output / TIMING_CACHE_FILE).read_bytes() if (output / TIMING_CACHE_FILE).is_file() else b""
-    with staging_dir(output, force) as tmp:
-        onnx_dir, reference = _trt_onnx(model_or_onnx, tmp / ONNX_SUBDIR, fp16, int4, reference, progress)
-        onnx_manifest = read_manifest(onnx_dir)
-        profile.check(onnx_manifest.model.get("max_position_embeddings"))
-        parity = check_onnx(onnx_dir, reference, progress)
-        plan, cache = _build_plan(trt, onnx_dir / GRAPH_FILE, profile, cache)
-        (tmp / ENGINE_FILE).write_bytes(plan)
-        (tmp / TIMING_CACHE_FILE).write_bytes(cache)
-        (tmp / LAYERS_FILE).write_text(json.dumps(inspect_layers(_deserialize(trt, plan)), indent=1) + "\n")
-        copy_support_files(onnx_dir, tmp)
-        _write_engine_manifest(tmp, onnx_manifest, profile, parity, onnx_dir)
-    log.info("wrote the TensorRT engine to %s", output)
-    return output
-
-
-def _trt_onnx(model, folder: Path, fp16: bool, int4: bool, reference, progress: bool) -> tuple[Path, Any]:
-    """An existing TensorRT-bound ONNX folder as it is, else the one exported from MODEL into FOLDER."""
-    from vexport.export.onnx_trt import export_tensorrt_onnx
-    from vexport.quant.checkpoint import is_gptq_config
-
-    path = Path(model)
-    if (path / MANIFEST_NAME).is_file() and read_manifest(path).format == "onnx":
-        manifest = read_manifest(path)
-        if manifest.format_options.get("target") != "tensorrt":
-            raise VexportError(f"{path} is an ONNX export for ONNX Runtime; pass the value model (or a GPTQ "
-                               "folder for --int4) so the TensorRT-bound graph is exported")
-        if int4 != (manifest.precision == "int4"):
-            raise VexportError(f"{path} has precision {manifest.precision}, which does not match --int4={int4}")
-        return path, reference or manifest.source.get("model")
-    from vexport.model import open_model
-
-    if int4 != is_gptq_config(open_model(model).config):
-        raise VexportError(f"--int4 needs a GPTQ folder (vexport export --format gptq) and a GPTQ folder needs "
-                           f"--int4; {model} does not match")
-    dtype = "float16" if fp16 or int4 else "float32"
-    return export_tensorrt_onnx(model, folder, dtype, progress=progress), reference or model
-
-
-def check_onnx(onnx_dir: Path, reference, progress: bool = False) -> dict[str, Any]:
-    """The parity check on ONNX Runtime of the graph TensorRT will parse; a failure stops the build."""
-    from vexport.checker import check
-
-    if reference is None or not Path(str(reference)).exists():
-        raise VexportError(f"no reference model for the ONNX Runtime check of {onnx_dir} (pass --reference)")
-    outcome = check(onnx_dir, reference, device=_ort_device(), progress=progress)
-    if not outcome.result.passed:
-        raise VexportError(f"the TensorRT-bound ONNX {onnx_dir} fails its ONNX Runtime parity check against "
-                           f"{reference}: {'; '.join(outcome.result.failures)}; no engine was built")
-    return outcome.result.summary()
-
-
-def _ort_device() -> str:
-    """cuda where ONNX Runtime has its CUDA provider (onnxruntime-gpu), else cpu (slow for large models)."""
-    import onnxruntime as ort
-
-    return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    onnx_manifest = read_manifest(onnx_dir)
+    profile.check(onnx_manifest.model.get("max_position_embeddings"))
+    plan, timing_cache = _build_plan(trt, onnx_dir / GRAPH_FILE, profile, timing_cache)
+    (folder / ENGINE_FILE).write_bytes(plan)
+    (folder / TIMING_CACHE_FILE).write_bytes(timing_cache)
+    (folder / LAYERS_FILE).write_text(json.dumps(inspect_layers(_deserialize(trt, plan)), indent=1) + "\n")
+    copy_support_files(onnx_dir, folder)
+    _write_engine_manifest(folder, onnx_manifest, profile, parity, onnx_dir)
 
 
 def _build_plan(trt, graph: Path, profile: ShapeProfile, cache: bytes) -> tuple[bytes, bytes]:

@@ -19,15 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from vexport.batching import pad_batch, unpad
-from vexport.errors import VexportError
+from vexport.batching import (DEFAULT_BATCH_TOKENS, MIN_BATCH_FRACTION, MIN_LENGTH_RATIO, pad_batch, pad_id_of,
+                               plan_batches, run_in_order, unpad)
 from vexport.scoring.rows import EncodedRow, RowEncoder
 
-MIN_LENGTH_RATIO = 0.75  # a batch holds rows at least 3/4 as long as its longest: padding under 25% ...
-MIN_BATCH_FRACTION = 1 / 16  # ... once it holds this much of the token budget (512 tokens of the default 8192)
 NON_FINITE = "non-finite value (NaN or inf)"
 OUTSIDE_VOCABULARY = "outside the model's vocabulary"
 ID_TYPES = {"int": "int64", "uint": "uint64", "str": "string"}  # the id column's Arrow type per InputPlan.id_kind
+__all__ = ["MIN_BATCH_FRACTION", "MIN_LENGTH_RATIO", "ScorerOptions", "WindowScorer", "plan_batches", "window_schema"]
 
 
 @dataclass(frozen=True)
@@ -35,35 +34,11 @@ class ScorerOptions:
     """What decides the numbers in a window table (everything but the model)."""
 
     max_length: int
-    batch_tokens: int = 8192
+    batch_tokens: int = DEFAULT_BATCH_TOKENS
     per_token: bool = False
     append_eos: bool = False
     padding_side: str = "right"
     fixed_batch_rows: int | None = None  # baseline for benchmarks: batches of N rows in input order, unsorted
-
-
-def plan_batches(lengths: Sequence[int], batch_tokens: int, fixed_batch_rows: int | None = None) -> list[list[int]]:
-    """Batches of similar lengths, longest first, each within BATCH_TOKENS (rows x longest).
-
-    A batch also ends at a row shorter than MIN_LENGTH_RATIO of its longest (so padding stays under 25%), once
-    it holds MIN_BATCH_FRACTION of the budget: tiny batches would cost more in calls than padding does.
-    With FIXED_BATCH_ROWS: batches of that many rows in input order, unsorted (the baseline benchmarks use).
-    """
-    if fixed_batch_rows:
-        starts = range(0, len(lengths), fixed_batch_rows)
-        return [list(range(i, min(i + fixed_batch_rows, len(lengths)))) for i in starts]
-    if batch_tokens < 1:
-        raise VexportError(f"--batch-tokens must be at least 1, got {batch_tokens}")
-    batches: list[list[int]] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        if batches:
-            batch, longest = batches[-1], lengths[batches[-1][0]]
-            small = len(batch) * longest < MIN_BATCH_FRACTION * batch_tokens
-            if (len(batch) + 1) * longest <= batch_tokens and (small or lengths[i] >= MIN_LENGTH_RATIO * longest):
-                batch.append(i)
-                continue
-        batches.append([i])
-    return batches
 
 
 def window_schema(id_kind: str | None, per_token: bool):
@@ -91,8 +66,7 @@ class WindowScorer:
         self.model, self.options, self.id_kind = model, options, id_kind
         self.vocab_size = getattr(model.config, "vocab_size", None)
         self.encoder = RowEncoder(tokenizer, options.max_length, options.append_eos, id_kind)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_id = pad if pad is not None else 0  # the mask decides what is padding, never the pad id
+        self.pad_id = pad_id_of(model)  # the mask decides what is padding, never the pad id
 
     def __call__(self, start: int, lines: Sequence[bytes | None]):
         rows = [self._in_vocabulary(r) for r in self.encoder.encode(lines)]
@@ -119,14 +93,13 @@ class WindowScorer:
     @torch.inference_mode()
     def values(self, sequences: Sequence[Sequence[int]]) -> tuple[list[np.ndarray], list[int]]:
         """Per-token values of each sequence (float32, unpadded) and the padded width it was computed at."""
-        out: list = [None] * len(sequences)
-        widths = [0] * len(sequences)
-        lengths = [len(s) for s in sequences]
-        for batch in plan_batches(lengths, self.options.batch_tokens, self.options.fixed_batch_rows):
+        def run(_: int, batch: Sequence[int]) -> list[tuple[np.ndarray, int]]:
             ids, mask = pad_batch([sequences[i] for i in batch], self.pad_id, self.options.padding_side)
-            for i, row in zip(batch, unpad(self.model.values(ids, mask), mask)):
-                out[i], widths[i] = row, ids.shape[1]
-        return out, widths
+            return [(row, ids.shape[1]) for row in unpad(self.model.values(ids, mask), mask)]
+
+        batches = plan_batches([len(s) for s in sequences], self.options.batch_tokens, self.options.fixed_batch_rows)
+        scored = run_in_order(batches, len(sequences), run)
+        return [values for values, _ in scored], [width for _, width in scored]
 
     def _table(self, start: int, rows: list, results: dict):
         import pyarrow as pa

@@ -11,30 +11,42 @@ padding, right padding and holes all work), runs the layers at positions 0..n-1 
 attention bias, and puts the values back in the input's layout (``GatherElements``): each sequence gets the
 values it gets alone, and attention does no [B, 1, T, T] mask work.
 
-Runs on ONNX Runtime (CPU and CUDA providers); the plain graph (export/onnx_graph.py) runs anywhere.
+Runs on ONNX Runtime (CPU and CUDA providers); the plain graph (export/graph/plain.py) runs anywhere.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper
 
-from vexport.export.onnx_graph import OUTPUT_NAME, GraphBuilder, WeightSpec, make_model, rms_norm, rotary_tables
-from vexport.export.onnx_int4 import CONTRIB_DOMAIN, add_contrib_opset
+from vexport.export.graph.contrib import CONTRIB_DOMAIN, add_contrib_opset
+from vexport.export.graph.plain import OUTPUT_NAME, GraphBuilder, WeightSpec, make_model, rms_norm, rotary_tables
+from vexport.export.graph.weights import folded_score
 from vexport.model import attention_window
 from vexport.tensors import linear_biases
 
 log = logging.getLogger(__name__)
 
-# A fused Linear emitter: (builder, x, checkpoint prefixes sharing x, node name, has bias) -> output name with the
-# outputs of the prefixes concatenated along the last axis. Keywords: ``out_order`` permutes the output columns
-# and ``x_in_order`` says x arrives permuted by the emitter's ``input_order(prefix)`` already (int4 act-order).
-FusedLinear = Callable[..., str]
+
+
+class FusedLinears(Protocol):
+    """How the fused graph emits its Linears: dense (``DenseLinears``) or int4 (``MatMulNBitsEmitter``)."""
+
+    def fused(self, b: GraphBuilder, x: str, prefixes: list[str], name: str, bias: bool, *,
+              out_order: np.ndarray | None = None, x_in_order: bool = False) -> str:
+        """x times the Linears of PREFIXES (which share x), outputs concatenated along the last axis.
+        ``out_order`` permutes the output columns; ``x_in_order`` says x arrives permuted by
+        ``input_order(prefix)`` already (int4 act-order)."""
+
+    def input_order(self, prefix: str) -> np.ndarray | None:
+        """The permutation the Linear's input needs (None: in order already)."""
+
+
 _NP = {"float32": np.float32, "float16": np.float16}
 _TORCH = {"float32": torch.float32, "float16": torch.float16}
 ROTARY_HEAD_MULTIPLE = 16  # GroupQueryAttention's rotary (CPU) needs head_dim % 16 == 0
@@ -56,18 +68,18 @@ def fusable(config) -> str | None:
 
 
 def build_fused_graph(config, dtype: str, score_bias: bool,
-                      linear: FusedLinear | None = None) -> tuple[onnx.ModelProto, list[WeightSpec]]:
+                      linears: FusedLinears | None = None) -> tuple[onnx.ModelProto, list[WeightSpec]]:
     """The fused graph without weight data, and the weights it expects, in order of first use."""
     b = GraphBuilder(dtype, linear=None)
-    fused = linear or dense_fused_linear
+    linears = linears if linears is not None else DenseLinears()
     packed_ids, slots, positions, seqlens, total = _packed_inputs(b)
     cos, sin = _rotary_caches(b, config, dtype)
     hidden = b.op("Gather", b.weight("embed_tokens", "model.embed_tokens.weight"), packed_ids, axis=0)
     normed = rms_norm(b, hidden, "model.layers.0.input_layernorm.weight", "l0_input_norm", config.rms_norm_eps)
     attention = (positions, seqlens, total, cos, sin)
     for i in range(config.num_hidden_layers):
-        normed, hidden = _decoder_layer(b, config, i, normed, hidden, attention, fused)
-    logits = b.op("MatMul", normed, b.weight("score_weight", "score.weight", make=_folded_score(dtype)))
+        normed, hidden = _decoder_layer(b, config, i, normed, hidden, attention, linears)
+    logits = b.op("MatMul", normed, b.weight("score_weight", "score.weight", make=lambda read: folded_score(read, dtype)))
     if score_bias:
         logits = b.op("Add", logits, b.weight("score_bias", "score.bias"))
     logits = b.op("Cast", logits, to=TensorProto.FLOAT)
@@ -122,23 +134,25 @@ def _skip_norm(b: GraphBuilder, x: str, residual: str, gamma: str, eps: float, n
 
 
 def _decoder_layer(b: GraphBuilder, config, i: int, normed: str, hidden: str, attention: tuple,
-                   fused: FusedLinear) -> tuple[str, str]:
+                   linears: FusedLinears) -> tuple[str, str]:
     """One layer from its normalized input; returns the next normalized input and the residual stream."""
     prefix, eps = f"model.layers.{i}", config.rms_norm_eps
     qkv_bias, mlp_bias = linear_biases(config)
-    qkv = fused(b, normed, [f"{prefix}.self_attn.{p}_proj" for p in "qkv"], f"l{i}_qkv", qkv_bias)
+    qkv = linears.fused(b, normed, [f"{prefix}.self_attn.{p}_proj" for p in "qkv"], f"l{i}_qkv", qkv_bias)
     attn = _gqa(b, config, qkv, attention, i)
-    out = fused(b, attn, [f"{prefix}.self_attn.o_proj"], f"l{i}_o", qkv_bias)
+    out = linears.fused(b, attn, [f"{prefix}.self_attn.o_proj"], f"l{i}_o", qkv_bias)
     gamma = b.weight(f"l{i}_post_norm_weight", f"{prefix}.post_attention_layernorm.weight")
     normed, hidden = _skip_norm(b, out, hidden, gamma, eps, f"l{i}_post_norm")
     # gate and up as two MatMuls over the same input: one fused MatMul needs a Split that copies its output, 2-4%
     # of the layer at 8x256 on CPU. silu(gate) * up is elementwise, so the down projection's act-order
     # permutation (int4) moves into the gate and up output columns for free and its input needs no gather.
-    down_order = _input_order(fused, f"{prefix}.mlp.down_proj")
-    gate, up = (fused(b, normed, [f"{prefix}.mlp.{p}_proj"], f"l{i}_{p}", mlp_bias, out_order=down_order)
+    down_order = linears.input_order(f"{prefix}.mlp.down_proj")
+    gate, up = (linears.fused(b, normed, [f"{prefix}.mlp.{p}_proj"], f"l{i}_{p}", mlp_bias,
+                              out_order=down_order)
                 for p in ("gate", "up"))
     act = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)
-    down = fused(b, act, [f"{prefix}.mlp.down_proj"], f"l{i}_down", mlp_bias, x_in_order=down_order is not None)
+    down = linears.fused(b, act, [f"{prefix}.mlp.down_proj"], f"l{i}_down", mlp_bias,
+                         x_in_order=down_order is not None)
     last = i == config.num_hidden_layers - 1
     gamma = (b.const("final_norm_ones", np.ones(config.hidden_size, _NP[b.dtype])) if last else
              b.weight(f"l{i + 1}_input_norm_weight", f"model.layers.{i + 1}.input_layernorm.weight"))
@@ -153,11 +167,6 @@ def _gqa(b: GraphBuilder, config, qkv: str, attention: tuple, i: int) -> str:
                 num_heads=config.num_attention_heads, kv_num_heads=config.num_key_value_heads,
                 do_rotary=1, rotary_interleaved=0, scale=float(head_dim(config) ** -0.5),
                 local_window_size=window if window is not None else -1)[0]
-
-
-def _input_order(fused: FusedLinear, prefix: str) -> np.ndarray | None:
-    order = getattr(getattr(fused, "__self__", None), "input_order", None)
-    return order(prefix) if order else None
 
 
 def dense_fused_linear(b: GraphBuilder, x: str, prefixes: list[str], name: str, bias: bool, *,
@@ -176,15 +185,15 @@ def dense_fused_linear(b: GraphBuilder, x: str, prefixes: list[str], name: str, 
     return b.op("Add", y, fused_bias)
 
 
+class DenseLinears:
+    """Float Linears for the fused graph: ``dense_fused_linear``; their inputs need no permutation."""
+
+    fused = staticmethod(dense_fused_linear)
+
+    def input_order(self, prefix: str) -> None:
+        return None
+
+
 def _concat_t(weights: list[torch.Tensor], dtype: torch.dtype) -> np.ndarray:
     """[out_i, in] tensors -> [in, sum(out_i)] in DTYPE."""
     return torch.cat([w.to(dtype) for w in weights], dim=0).t().contiguous().numpy()
-
-
-def _folded_score(dtype: str) -> Callable[[Callable[[str], torch.Tensor]], np.ndarray]:
-    """[hidden, labels]: the final norm weight times the score weight, in float32, cast once."""
-    def make(read: Callable[[str], torch.Tensor]) -> np.ndarray:
-        folded = read("model.norm.weight").float()[None, :] * read("score.weight").float()
-        return folded.t().contiguous().to(_TORCH[dtype]).numpy()
-
-    return make

@@ -3,9 +3,9 @@
 ONNX Runtime runs this folder like any ONNX artifact (format "onnx", ``format_options.target: tensorrt``), so
 its numerics are checked with ``vexport check`` before TensorRT ever sees it (export/tensorrt.py).
 
-- float16 / float32: the plain graph (export/onnx_graph.py) in that dtype.
+- float16 / float32: the plain graph (export/graph/plain.py) in that dtype.
 - int4 (a GPTQ folder): every decoder Linear is a blocked INT4 ``DequantizeLinear`` + ``MatMul``
-  (export/onnx_trt_int4.py), float16 activations.
+  (export/graph/int4_trt.py), float16 activations.
 - Folded head: ``RMSNorm(x) @ score`` is computed as ``(x @ (norm_weight * score)) * rsqrt(mean(x^2) + eps)``
   in float32 (+ bias), so the normalised hidden states ``[B, T, H]`` are never a tensor of the graph: only the
   row statistic ``[B, T, 1]`` and the dot product ``[B, T, 1]`` are.
@@ -15,29 +15,27 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from vexport.artifact import check_output, staging_dir
 from vexport.errors import VexportError
 from vexport.export.common import copy_support_files, value_io_spec, write_manifest
+from vexport.export.graph.int4_trt import BlockedDequantEmitter
+from vexport.export.graph.plain import build_graph
+from vexport.export.graph.weights import folded_score, tensor_reader, write_weights
 from vexport.export.onnx import DATA_FILE, GRAPH_FILE
-from vexport.export.onnx_graph import WeightSpec, build_graph
-from vexport.export.onnx_trt_int4 import BlockedDequantEmitter, PackedInt4
-from vexport.model import ModelSource, open_model
-from vexport.progress import progress_bar
+from vexport.model import open_model
 from vexport.quant.checkpoint import is_gptq_config
 
 log = logging.getLogger(__name__)
 
 TRT_OPSET = 21  # blocked DequantizeLinear with INT4 (block_size attribute)
 TRT_IR_VERSION = 10  # INT4 tensors
-_ALIGN = 4096
 _TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -53,7 +51,7 @@ def export_tensorrt_onnx(model: str | os.PathLike, output: str | os.PathLike, dt
     graph, weights = build_graph(source.config, dtype, source.score_has_bias, linear=int4, head=folded_head)
     upgrade_to_opset21(graph)
     with staging_dir(output, force) as tmp:
-        _write_weights(graph, weights, source, tmp / DATA_FILE, dtype, progress)
+        write_weights(graph, weights, tensor_reader(source), tmp / DATA_FILE, dtype, progress)
         onnx.save_model(graph, tmp / GRAPH_FILE)
         onnx.checker.check_model(str(tmp / GRAPH_FILE))
         copy_support_files(source.path, tmp)
@@ -69,17 +67,12 @@ def folded_head(b, hidden: str, config, score_bias: bool) -> str:
     var = b.op("ReduceMean", b.op("Mul", x32, x32), axes=[-1], keepdims=1)
     eps = b.const("head_eps", np.array(config.rms_norm_eps, np.float32))
     inv = b.op("Reciprocal", b.op("Sqrt", b.op("Add", var, eps)))
-    dot = b.op("MatMul", x32, b.weight("score_folded", "score.weight", make=_fold_score))
+    dot = b.op("MatMul", x32, b.weight("score_folded", "score.weight", make=folded_score))
     logits = b.op("Mul", dot, inv)
     if score_bias:
         logits = b.op("Add", logits, b.weight("score_bias_f32", "score.bias",
                                               make=lambda read: read("score.bias").float().numpy()))
     return logits
-
-
-def _fold_score(read: Callable[[str], torch.Tensor]) -> np.ndarray:
-    """float32 [H, 1]: the final norm's weight times the score row."""
-    return (read("model.norm.weight").float() * read("score.weight").float()).T.contiguous().numpy()
 
 
 def upgrade_to_opset21(model: onnx.ModelProto) -> None:
@@ -105,39 +98,3 @@ def _format_options(graph: onnx.ModelProto, dtype: str, int4: BlockedDequantEmit
                "target": "tensorrt", "head": "folded", "activation_dtype": dtype,
                "operator_counts": dict(sorted(ops.items()))}
     return {**options, **int4.format_options(dtype)} if int4 else options
-
-
-def _write_weights(graph: onnx.ModelProto, weights: list[WeightSpec], source: ModelSource, data_file: Path,
-                   dtype: str, progress: bool) -> None:
-    """Stream every initializer into DATA_FILE, page-aligned; INT4 ones arrive packed (PackedInt4)."""
-    offset = 0
-    with open(data_file, "wb") as fh, progress_bar("writing ONNX weights", len(weights), progress) as advance:
-        for spec in weights:
-            array = spec.make(source.read_tensor) if spec.make else _prepare(source.read_tensor(spec.source),
-                                                                             spec, dtype)
-            pad = (-offset) % _ALIGN
-            fh.write(b"\0" * pad)
-            offset += pad
-            data = array.data if isinstance(array, PackedInt4) else np.ascontiguousarray(array)
-            fh.write(memoryview(data).cast("B"))
-            graph.graph.initializer.append(_external(spec.name, array, offset))
-            offset += data.nbytes
-            advance()
-
-
-def _prepare(tensor: torch.Tensor, spec: WeightSpec, dtype: str) -> np.ndarray:
-    tensor = tensor.to(_TORCH_DTYPE[dtype])
-    return (tensor.t() if spec.transpose else tensor).contiguous().numpy()
-
-
-def _external(name: str, array: np.ndarray | PackedInt4, offset: int) -> TensorProto:
-    if isinstance(array, PackedInt4):
-        data_type, dims = array.data_type, list(array.shape)
-    else:
-        data_type, dims = helper.np_dtype_to_tensor_dtype(array.dtype), list(array.shape)
-    tensor = TensorProto(name=name, data_type=data_type, dims=dims)
-    tensor.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(array.nbytes))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
-    return tensor

@@ -28,18 +28,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import torch
-from onnx import helper
 
 from vexport.errors import VexportError
+from vexport.export.graph.contrib import CONTRIB_DOMAIN
+from vexport.export.graph.weights import pack_nibbles
 from vexport.model import ModelSource
 from vexport.quant.checkpoint import gptq_options
 from vexport.quant.pack import unpack_gptq_v1
 
 log = logging.getLogger(__name__)
 
-CONTRIB_DOMAIN = "com.microsoft"
 MAX_BLOCK = 128  # MLAS' fast 4-bit kernels cover 16..256; 128 is the common GPTQ group size
 MIN_BLOCK = 16
 _NP_DTYPE = {"float32": np.float32, "float16": np.float16}
@@ -91,9 +90,9 @@ def matmul_nbits_tensors(packed: dict[str, torch.Tensor], plan: BlockPlan, dtype
     padded = block_zeros[:, -1:].repeat(1, plan.n_blocks * plan.block_size)  # padding codes = zero point
     padded[:, :k] = codes
     return {
-        "B": _pack_nibbles(padded).reshape(n, plan.n_blocks, plan.block_size // 2).numpy(),
+        "B": pack_nibbles(padded.numpy()).reshape(n, plan.n_blocks, plan.block_size // 2),
         "scales": qw.scales[groups].T.contiguous().numpy().astype(_NP_DTYPE[dtype]),
-        "zero_points": _pack_nibbles(block_zeros).numpy(),
+        "zero_points": pack_nibbles(block_zeros.numpy()),
     }
 
 
@@ -102,13 +101,6 @@ def _same_plan(a: BlockPlan, b: BlockPlan) -> bool:
     same_order = (a.order is None and b.order is None) or (
         a.order is not None and b.order is not None and np.array_equal(a.order, b.order))
     return same_order and a.block_size == b.block_size and a.n_blocks == b.n_blocks
-
-
-def _pack_nibbles(values: torch.Tensor) -> torch.Tensor:
-    """uint8 [R, C] codes (0..15) -> uint8 [R, ceil(C / 2)], element 2j in the low nibble of byte j."""
-    if values.shape[1] % 2:
-        values = torch.cat([values, torch.zeros_like(values[:, :1])], dim=1)
-    return values[:, 0::2] | (values[:, 1::2] << 4)
 
 
 class MatMulNBitsEmitter:
@@ -231,9 +223,3 @@ def _bias_maker(prefixes: list[str], dtype: str, out_order: np.ndarray | None) -
         return torch.cat(biases).numpy()
 
     return make
-
-
-def add_contrib_opset(model: onnx.ModelProto) -> None:
-    """Import the com.microsoft domain (MatMulNBits) next to the standard opset."""
-    if not any(op.domain == CONTRIB_DOMAIN for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))

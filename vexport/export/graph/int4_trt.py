@@ -14,7 +14,7 @@ For a symmetric checkpoint (every ``z == 8``) the correction term is absent and 
 documented form. For an asymmetric one, ``blocksum(x)`` is a Reshape to ``[B, T, K / block, block]`` and a
 ReduceSum; the correction is a small ``[K / block, N]`` MatMul.
 
-Blocks and act-order follow export/onnx_int4.py (``plan_blocks``): input columns are sorted by group with one
+Blocks and act-order follow export/graph/int4_ort.py (``plan_blocks``): input columns are sorted by group with one
 ``Gather`` on the activations, a block never straddles a group, and here the block also divides K.
 """
 
@@ -23,51 +23,24 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from onnx import TensorProto
 
 from vexport.errors import VexportError
-from vexport.export.onnx_int4 import BlockPlan, plan_blocks
+from vexport.export.graph.int4_ort import BlockPlan, plan_blocks
+from vexport.export.graph.weights import PackedInt4, pack_int4, unpack_int4
 from vexport.model import ModelSource
 from vexport.quant.checkpoint import gptq_options
 from vexport.quant.pack import unpack_gptq_v1
 
 log = logging.getLogger(__name__)
 
+__all__ = ["SIGNED_OFFSET", "BlockedDequantEmitter", "PackedInt4", "blocked_int4_tensors", "pack_int4", "trt_block_plan",
+           "unpack_int4"]
+
 SIGNED_OFFSET = 8  # GPTQ codes 0..15 become TensorRT's symmetric int4 -8..7
 _NP_DTYPE = {"float32": np.float32, "float16": np.float16}
-
-
-@dataclass(frozen=True)
-class PackedInt4:
-    """A signed INT4 tensor as ONNX stores it: ``data`` uint8, two elements per byte (low nibble first)."""
-
-    data: np.ndarray
-    shape: tuple[int, ...]
-    data_type: int = TensorProto.INT4
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.nbytes
-
-
-def pack_int4(values: np.ndarray) -> PackedInt4:
-    """int8 values in [-8, 7] -> ONNX INT4 packing of the row-major flattened tensor."""
-    if values.size and (values.min() < -8 or values.max() > 7):
-        raise VexportError("int4 values must lie in [-8, 7]")
-    flat = (values.reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
-    if flat.size % 2:
-        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
-    return PackedInt4(flat[0::2] | (flat[1::2] << 4), tuple(values.shape))
-
-
-def unpack_int4(packed: PackedInt4) -> np.ndarray:
-    """The int8 values back (the reference for tests)."""
-    nibbles = np.stack([packed.data & 0xF, packed.data >> 4], axis=1).reshape(-1)[: math.prod(packed.shape)]
-    return ((nibbles.astype(np.int8) ^ 8) - 8).reshape(packed.shape)  # sign extension: 0..7 stay, 8..15 become -8..-1
 
 
 def trt_block_plan(g_idx: np.ndarray, where: str) -> BlockPlan:

@@ -44,7 +44,7 @@ class WeightSpec:
 # over the dense weight; the int4 graph passes one that emits MatMulNBits from GPTQ tensors.
 LinearEmitter = Callable[["GraphBuilder", str, str, str, bool], str]
 # A head emitter: (builder, last hidden state, config, score has bias) -> logits before the float32 Cast. The default
-# is HF's final RMSNorm then the score Linear; the TensorRT-bound graph passes a folded head (export/onnx_trt.py).
+# is HF's final RMSNorm then the score Linear; the TensorRT-bound graph passes a folded head (export/tensorrt_onnx.py).
 HeadEmitter = Callable[["GraphBuilder", str, Any, bool], str]
 
 
