@@ -29,7 +29,8 @@ LAYERS: dict[str, list[str]] = {
     "backends/kernels": ["vexport.backends", "vexport.kernels", "vexport.head", "vexport.batching"],
     # what every layer reads: errors, files, the manifest and intake, the GPTQ v1 format itself
     "core": ["vexport.errors", "vexport.safety", "vexport.paths", "vexport.progress", "vexport.jsonl",
-             "vexport.manifest", "vexport.model", "vexport.tensors", "vexport.artifact", "vexport.quant.types", "vexport.quant.pack",
+             "vexport.manifest", "vexport.model", "vexport.tensors",
+             "vexport.artifact", "vexport.quant.types", "vexport.quant.pack",
              "vexport.quant.checkpoint", "vexport.quant.reference"],
 }
 RANK = {prefix: len(LAYERS) - i for i, names in enumerate(LAYERS.values()) for prefix in names}
