@@ -79,7 +79,8 @@ def build_fused_graph(config, dtype: str, score_bias: bool,
     attention = (positions, seqlens, total, cos, sin)
     for i in range(config.num_hidden_layers):
         normed, hidden = _decoder_layer(b, config, i, normed, hidden, attention, linears)
-    logits = b.op("MatMul", normed, b.weight("score_weight", "score.weight", make=lambda read: folded_score(read, dtype)))
+    folded = b.weight("score_weight", "score.weight", make=lambda read: folded_score(read, dtype))
+    logits = b.op("MatMul", normed, folded)
     if score_bias:
         logits = b.op("Add", logits, b.weight("score_bias", "score.bias"))
     logits = b.op("Cast", logits, to=TensorProto.FLOAT)

@@ -36,8 +36,8 @@ from vexport.quant.pack import unpack_gptq_v1
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SIGNED_OFFSET", "BlockedDequantEmitter", "PackedInt4", "blocked_int4_tensors", "pack_int4", "trt_block_plan",
-           "unpack_int4"]
+__all__ = ["SIGNED_OFFSET", "BlockedDequantEmitter", "PackedInt4", "blocked_int4_tensors", "pack_int4",
+           "trt_block_plan", "unpack_int4"]
 
 SIGNED_OFFSET = 8  # GPTQ codes 0..15 become TensorRT's symmetric int4 -8..7
 _NP_DTYPE = {"float32": np.float32, "float16": np.float16}
