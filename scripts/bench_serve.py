@@ -13,7 +13,9 @@ prints, in this one run:
    sent as 8 concurrent independent /v1/values requests, GROUP_REPEATS times each, and the ratio (goal >= 3).
 
     python scripts/bench_serve.py [--rows 256] [--latency-requests 128] [--group-repeats 5] [--model DIR]
-                                  [--max-seconds 900] [--workdir DIR]
+                                  [--max-seconds 900] [--workdir DIR] [--device cpu|cuda] [--json PATH] [--smoke]
+
+--smoke (the GPU suite's CPU rehearsal) runs every part on 16 rows and a handful of requests: no figures to read.
 
 Bounded: a fixed number of requests, loopback only, and the whole run stops at --max-seconds. The client
 runs on the same CPUs as the server: on a shared machine the figures mean little.
@@ -65,13 +67,13 @@ def make_rows(model: Path, rows: int, seed: int = 0) -> list[str]:
     return texts
 
 
-def offline(model: Path, texts: list[str], work: Path) -> dict:
+def offline(model: Path, texts: list[str], work: Path, device: str | None = None) -> dict:
     from vexport.scoring import score
 
     def run(name: str, rows: list[str]) -> dict:
         data = work / f"{name}.jsonl"
         data.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
-        return score(model, data, work / name, force=True)["this_run"]
+        return score(model, data, work / name, force=True, device=device)["this_run"]
 
     run("warm", texts[:4])
     one, full = run("one", texts[:1]), run("all", texts)
@@ -81,9 +83,10 @@ def offline(model: Path, texts: list[str], work: Path) -> dict:
 
 
 class Server:
-    def __init__(self, model: Path, log: Path):
+    def __init__(self, model: Path, log: Path, device: str | None = None):
         self.log = open(log, "w")
-        self.process = subprocess.Popen([sys.executable, "-m", "vexport", "serve", str(model), "--port", "0"],
+        extra = ["--device", device] if device else []
+        self.process = subprocess.Popen([sys.executable, "-m", "vexport", "serve", str(model), "--port", "0", *extra],
                                         stdout=subprocess.PIPE, stderr=self.log, text=True)
         for line in self.process.stdout:
             if match := URL_LINE.search(line):
@@ -138,9 +141,9 @@ def saturation(url: str, texts: list[str]) -> dict:
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
-def latency(url: str, texts: list[str], count: int) -> dict:
+def latency(url: str, texts: list[str], count: int, smoke: bool = False) -> dict:
     out = {}
-    for clients, total in ((1, count), (64, max(128, count))):
+    for clients, total in ((1, count), (64, count if smoke else max(128, count))):
         payloads = [("/v1/values", {"texts": [texts[i % len(texts)]], "per_token": False}) for i in range(total)]
         _, times = asyncio.run(requests(url, payloads, clients))
         out[clients] = {"requests": total, "p50_ms": 1000 * statistics.median(times),
@@ -169,17 +172,22 @@ def main() -> None:
     parser.add_argument("--model", type=Path)
     parser.add_argument("--max-seconds", type=float, default=900)
     parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--device", help="cpu or cuda, for the server and the offline run (default: cuda if present)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--smoke", action="store_true", help="16 rows, a few requests: the code path, no figures")
     args = parser.parse_args()
+    if args.smoke:
+        args.rows, args.latency_requests, args.group_repeats = 16, 8, 1
     signal.signal(signal.SIGALRM, lambda *_: sys.exit(f"stopped after --max-seconds {args.max_seconds:g}"))
     signal.alarm(int(args.max_seconds))
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-serve-"))
     model = args.model or build_model(work / "model")
     texts = make_rows(model, args.rows)
-    base = offline(model, texts, work)
-    server = Server(model, work / "server.log")
+    base = offline(model, texts, work, args.device)
+    server = Server(model, work / "server.log", args.device)
     try:
         served = saturation(server.url, texts)
-        waits = latency(server.url, texts, args.latency_requests)
+        waits = latency(server.url, texts, args.latency_requests, args.smoke)
         shared = groups(server.url, args.group_repeats)
     finally:
         server.stop()
@@ -193,6 +201,11 @@ def main() -> None:
               f"p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms")
     print(f"/v1/groups, prompt 512 + 8 x 64: {shared['group_ms']:.1f} ms; the 8 sequences as independent requests "
           f"{shared['independent_ms']:.1f} ms; ratio {shared['ratio']:.2f}x (goal >= 3x)")
+    if args.json:
+        figures = {"device": args.device, "smoke": args.smoke, "offline": base, "server": served,
+                   "server_vs_offline": served["tokens_per_s"] / base["tokens_per_s"],
+                   "latency": {str(k): v for k, v in waits.items()}, "groups": shared}
+        args.json.write_text(json.dumps(figures, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ def plan(mode: str, work: Path) -> list[Step]:
         Step("models", "value models for the parity and decoding steps", 20,
              (*own, "--step", "models", "--json", str(fig / "models.json")), ("scripts/make_tiny_value_model.py",),
              figures=str(fig / "models.json")),
-        Step("gpu_tests", "gpu-marked tests (pytest -m gpu)", 100,
+        Step("gpu_tests", "gpu-marked tests (pytest -m gpu)", 90,
              (py, "-m", "pytest", "-m", "gpu", "-v", "-rA", "--durations=15", "-p", "no:cacheprovider",
               f"--junitxml={work / 'gpu_tests.xml'}", *test_files), tuple(test_files),
              junit=str(work / "gpu_tests.xml")),
@@ -172,7 +172,7 @@ def _serve_step(bench, fig: Path, smoke: bool) -> Step:
     script = "scripts/bench_serve.py"
     absent = None if (REPO / script).is_file() else f"{script} does not exist yet"
     argv = bench("bench_serve.py", *([] if smoke else ["--device", "cuda"]))
-    return Step("serve", "value server load test", 30, argv, (script,), needs=("models",),
+    return Step("serve", "value server load test", 20, argv, (script,), needs=("models",),
                 figures=str(fig / "serve.json"), absent=absent)
 
 
