@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from vexport.backends import int4_cpu
-from vexport.backends.gptq import QuantLinear, pack_linears_for_cpu
+from vexport.backends.gptq import QuantLinear, dequantized_linears, pack_linears_for_cpu
 from vexport.parity import sqnr_db as _sqnr_1d
 from vexport.quant.checkpoint import quantize_rtn_act_order, write_rtn_checkpoint
 from vexport.quant.pack import pack_gptq_v1
@@ -102,14 +102,9 @@ def test_loaded_folder_uses_the_packed_path_and_matches_the_reference(int4_model
     assert layers and all(m.cpu_int4 is not None and m.cpu_int4.perm is not None for m in layers)
     ids = torch.randint(4, 1000, (2, 17), generator=torch.Generator().manual_seed(4))
     fast = int4_model.values(ids)
-    packed = [m.cpu_int4 for m in layers]
-    try:
-        for m in layers:
-            m.cpu_int4 = None
+    with dequantized_linears(int4_model.runner.module):
         reference = int4_model.values(ids)
-    finally:
-        for m, p in zip(layers, packed):
-            m.cpu_int4 = p
+    assert all(m.cpu_int4 is not None for m in layers)  # restored
     assert sqnr_db(reference, fast) > 30
     torch.testing.assert_close(fast, reference, atol=5e-2, rtol=0)
 

@@ -20,6 +20,7 @@ on CUDA, float32 on CPU). Each decoder Linear is a ``QuantLinear`` holding ``qwe
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
@@ -142,6 +143,21 @@ def pack_linears_for_cpu(module: nn.Module) -> int:
     if packed:
         log.info("int4 CPU: %d Linear(s) use torch's packed int4 matmul (bfloat16 compute)", packed)
     return packed
+
+
+@contextlib.contextmanager
+def dequantized_linears(module: nn.Module):
+    """Inside the block, every QuantLinear of ``module`` runs the dequantized float path (the reference of
+    the packed CPU one); the packed weights are kept and restored on exit."""
+    layers = [m for m in module.modules() if isinstance(m, QuantLinear)]
+    packed = [m.cpu_int4 for m in layers]
+    try:
+        for m in layers:
+            m.cpu_int4 = None
+        yield module
+    finally:
+        for m, p in zip(layers, packed):
+            m.cpu_int4 = p
 
 
 class GPTQRunner:
