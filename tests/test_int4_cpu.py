@@ -27,6 +27,7 @@ LINEAR_CASES = {  # id: (in, out, group size, sym, act-order, bias)
     "g32-act-asym": (96, 16, 32, False, True, True),
     "g128-act-sym": (256, 64, 128, True, True, False),
     "one-group": (128, 32, -1, False, False, False),
+    "g128-short-last-group": (192, 16, 128, False, False, True),  # groups of 128 and 64: run as 64s
     "g512-act-as-256s": (1024, 16, 512, False, True, False),  # two groups, each run as two of 256
 }
 

@@ -10,13 +10,15 @@ From GPTQ v1 (``W[o, i] = s[g_idx[i], o] * (q[i, o] - z[g_idx[i], o])``, FORMATS
 - act-order (``g_idx`` not ``i // group``): the input columns are permuted once, at load, by the stable sort
   of ``g_idx``, so each group's columns are contiguous; the forward gathers ``x``'s columns in that order;
 - a GPTQ group of ``c`` columns is run as ``c / k`` kernel groups of ``k`` (the largest of 256..32 dividing
-  ``c``), each with the group's scale and zero: exact, and how ``group_size=-1`` and groups above 256 fit.
+  every group's ``c``), each with the group's scale and zero: exact, and how ``group_size=-1``, groups above
+  256 and a shorter last group fit.
 
 ``unsupported_reason`` says why a Linear cannot take this path (it then keeps the dequantized one).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -54,12 +56,15 @@ def unsupported_reason(out_features: int, g_idx: Tensor, groups: int,
         return f"CPU capability {capability}: the op's bfloat16 path is vectorized for AVX512 only"
     if out_features % N_MULTIPLE:
         return f"out_features {out_features} is not a multiple of {N_MULTIPLE}"
-    counts = torch.bincount(g_idx.long(), minlength=groups)
-    if int(counts.min()) != int(counts.max()):
-        return f"groups of unequal sizes ({int(counts.min())}..{int(counts.max())} columns)"
-    if _kernel_group(int(counts[0])) is None:
-        return f"group size {int(counts[0])} is not a multiple of 32"
+    sizes = group_gcd(g_idx, groups)
+    if _kernel_group(sizes) is None:
+        return f"group size {sizes} is not a multiple of 32"
     return None
+
+
+def group_gcd(g_idx: Tensor, groups: int) -> int:
+    """The gcd of the groups' column counts (a shorter last group included)."""
+    return math.gcd(*torch.bincount(g_idx.long(), minlength=groups).tolist())
 
 
 def _kernel_group(columns: int) -> int | None:
@@ -72,7 +77,7 @@ def pack_for_cpu(codes: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor) ->
     groups = g_idx.long()
     order = torch.sort(groups, stable=True).indices
     identity = bool((order == torch.arange(len(order))).all())
-    group_size = _kernel_group(len(order) // scales.shape[0])
+    group_size = _kernel_group(group_gcd(g_idx, scales.shape[0]))
     first = groups[order][::group_size]  # the GPTQ group of each kernel group
     scale = scales.to(torch.float32)[first]  # [I/k, O]
     zero = scale * (8 - zeros.to(torch.float32)[first])
