@@ -27,6 +27,7 @@ import torch
 
 import vexport
 from vexport.backends.gptq import dequantized_linears
+from vexport.parity import sqnr_db
 from vexport.quant.checkpoint import write_rtn_checkpoint
 
 PREFILL, PROMPT, CANDIDATES = 64, 256, 4
@@ -92,6 +93,10 @@ def max_diff(values: dict, a: str, b: str) -> float:
     return float((values[a] - values[b]).abs().max())
 
 
+def sqnr(values: dict, reference: str, candidate: str) -> float:
+    return sqnr_db(values[reference].flatten().numpy(), values[candidate].flatten().numpy())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="a value model folder (default: build the trained SmolLM2 one)")
@@ -130,6 +135,11 @@ def main() -> None:
             "steps": max_diff(steps["values"], "int4_packed", "int4_dequantized"),
         },
         "max_abs_diff_int4_vs_float32_prefill": max_diff(prefill["values"], "int4_dequantized", "float32"),
+        "sqnr_db_prefill": {  # the packed path's bfloat16 error beside the int4 quantization error
+            "packed_vs_dequantized": sqnr(prefill["values"], "int4_dequantized", "int4_packed"),
+            "dequantized_vs_float32": sqnr(prefill["values"], "float32", "int4_dequantized"),
+            "packed_vs_float32": sqnr(prefill["values"], "float32", "int4_packed"),
+        },
         "load_average_before_after": [load_before, os.getloadavg()[0]],
     }
     print(json.dumps(results, indent=2))
