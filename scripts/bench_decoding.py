@@ -21,7 +21,11 @@ method are checked against each other.
    The prompt's prefill is the same for the cached methods and is reported apart.
 
     python scripts/bench_decoding.py [--model DIR] [--threads 2] [--repeats 5] [--step-repeats 2] [--only PART]
-                                     [--device cuda] [--smoke] [--json PATH]
+                                     [--device cuda] [--smoke] [--json PATH] [--int4]
+
+With --int4, vexport's methods run an RTN GPTQ int4 checkpoint of the model (group 128) through the int4
+torch runtime (on CPU: packed int4 matmuls, backends/int4_cpu.py); the plain transformers rows stay float32.
+scripts/bench_int4_cpu.py sets int4 beside float32 in one run.
 
 Without --model it builds the trained value model (pip install 'vexport[trained]'). ``--smoke`` runs every
 method once on a few tokens (the code paths and the value checks, no timing claims: its "smoke" key says so).
@@ -195,6 +199,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["best_of_n", "value_guided_steps"], help="run one of the two")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--smoke", action="store_true", help="one run of each method: code paths, no timing claims")
+    parser.add_argument("--int4", action="store_true", help="vexport's methods on an RTN GPTQ int4 checkpoint")
     args = parser.parse_args()
     workload = SMOKE if args.smoke else Workload()
     if args.smoke:
@@ -206,10 +211,16 @@ def main() -> None:
             from vexport.trained import make_trained_value_model
 
             folder = make_trained_value_model(Path(tmp) / "trained")
-        model = vexport.load(folder, device=args.device, dtype="float32")
+        if args.int4:
+            from vexport.export.rtn import write_rtn_checkpoint
+
+            model = vexport.load(write_rtn_checkpoint(folder, Path(tmp) / "int4", group_size=128), device=args.device)
+        else:
+            model = vexport.load(folder, device=args.device, dtype="float32")
         module = model.runner.module
         load_before = os.getloadavg()
-        results = {"model": str(folder), "device": str(model.device), "threads": args.threads, "smoke": args.smoke}
+        results = {"model": str(folder), "device": str(model.device), "threads": args.threads, "smoke": args.smoke,
+                   "int4": args.int4}
         vocab = model.config.vocab_size
         if args.only in (None, "best_of_n"):
             results["best_of_n"] = bench_group(model, module, vocab, args.repeats, torch.Generator().manual_seed(0),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vexport.backends.gptq import TRITON_MAX_TOKENS, GPTQRunner, QuantLinear, dequantize_packed
+from vexport.backends.gptq import TRITON_MAX_TOKENS, GPTQRunner, QuantLinear, dequantize_packed, dequantized_linears
 from vexport.backends.torch import TorchRunner
 from vexport.batching import pad_batch
 from vexport.export.rtn import write_rtn_checkpoint
@@ -63,7 +63,9 @@ def test_matches_dequantized_reference(case):
     model_dir, folder = case
     runner = GPTQRunner(folder, device="cpu")
     ids, mask = _random_batch(runner.module.config.vocab_size)
-    got, expected = runner.logits(ids, mask), dequantized_reference(model_dir, folder).logits(ids, mask)
+    with dequantized_linears(runner.module):  # the float path; the packed int4 CPU one: tests/test_int4_cpu.py
+        got = runner.logits(ids, mask)
+    expected = dequantized_reference(model_dir, folder).logits(ids, mask)
     assert got.dtype == torch.float32 and got.shape == (3, 23, 1)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 

@@ -18,6 +18,7 @@ from tests.helpers import run_cli
 from vexport.batching import pad_batch
 from vexport.export.onnx import export_onnx
 from vexport.manifest import read_manifest
+from vexport.backends.gptq import dequantized_linears
 from vexport.parity import sqnr_db
 from vexport.export.rtn import write_rtn_checkpoint
 from vexport.runtime import load
@@ -63,7 +64,8 @@ def test_each_sequence_gets_its_values_alone(graphs, kind, side):
     atol, rtol, min_sqnr = TOLERANCE[kind]
     assert np.isfinite(got.numpy()).all()
     for row, seq in enumerate(seqs):
-        alone = reference.values(torch.tensor([seq]))[0].numpy()
+        with dequantized_linears(reference.runner.module):  # int4: float compute, as the graph
+            alone = reference.values(torch.tensor([seq]))[0].numpy()
         ours = got[row][mask[row].bool()].numpy()
         assert sqnr_db(alone, ours) > min_sqnr, (kind, side, row)
         if atol is not None:
@@ -103,7 +105,8 @@ def test_holes_and_all_padding_rows(graphs, kind):
     mask[0, 7:10] = 0
     got = candidate.runner.logits(ids, mask)[..., 0]
     assert torch.isfinite(got).all()
-    alone = reference.values(torch.tensor([seq]))[0]
+    with dequantized_linears(reference.runner.module):  # int4: float compute, as the graph
+        alone = reference.values(torch.tensor([seq]))[0]
     torch.testing.assert_close(got[0][mask[0].bool()], alone, atol=1e-4, rtol=1e-4)
 
 

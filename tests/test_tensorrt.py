@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.helpers import run_cli
+from vexport.backends.gptq import dequantized_linears
 from vexport.checker import check
 from vexport.errors import MissingDependencyError, VexportError
 from vexport.export.graph.int4_trt import blocked_int4_tensors, pack_int4, trt_block_plan, unpack_int4
@@ -124,7 +125,9 @@ def test_tensorrt_bound_onnx_passes_check(trt_onnx, tiny_model_dir, name):
 def test_int4_agrees_with_matmulnbits_and_torch_int4(gptq_dirs, trt_onnx, tmp_path, batch, case):
     """Same GPTQ weights, three runtimes: float32 graphs agree to float32 rounding, float16 to float16 rounding."""
     ids, mask = batch
-    torch_int4 = load(gptq_dirs[case], device="cpu").values(ids, mask)
+    torch_model = load(gptq_dirs[case], device="cpu")
+    with dequantized_linears(torch_model.runner.module):  # float compute, not the bf16 packed CPU path
+        torch_int4 = torch_model.values(ids, mask)
     trt32 = load(export_tensorrt_onnx(gptq_dirs[case], tmp_path / "trt32", "float32")).values(ids, mask)
     nbits32 = load(export_onnx(gptq_dirs[case], tmp_path / "nbits32", "float32", optimize=False)).values(ids, mask)
     torch.testing.assert_close(trt32, nbits32, atol=2e-5, rtol=1e-5)

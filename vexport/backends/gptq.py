@@ -5,10 +5,14 @@ every tensor is then read from its shard and assigned in place (float tensors in
 on CUDA, float32 on CPU). Each decoder Linear is a ``QuantLinear`` holding ``qweight``, ``qzeros``,
 ``scales`` and ``g_idx`` as stored.
 
-``QuantLinear.forward`` has two paths:
+``QuantLinear.forward`` has three paths:
+- on CPU, PyTorch's packed int4 matmul (``vexport.backends.int4_cpu``: bfloat16 compute, the weights repacked
+  once at load by ``pack_for_cpu``), for every Linear whose shapes and groups the op takes; the others keep
+  the dequantized path, with the reason logged.
 - dequantize (``dequantize_packed``: the same numbers as ``vexport.quant.pack.dequantize_gptq_v1``, the
   plain reference of the format, without its checks and int64 temporaries), then one matmul in the
-  activation dtype. Used on CPU, and on CUDA above ``TRITON_MAX_TOKENS`` rows, where one cuBLAS GEMM
+  activation dtype. The plain reference of the two fast paths; used on CPU where the packed op cannot
+  run, and on CUDA above ``TRITON_MAX_TOKENS`` rows, where one cuBLAS GEMM
   on the dequantized weight beats the fused kernel (the dequantization is amortised over many rows).
 - the fused Triton dequant-matmul (``vexport.kernels.int4_matmul``) on CUDA for up to ``TRITON_MAX_TOKENS``
   rows (decoding, short prompts), where reading 4-bit weights is what bounds the time.
@@ -16,6 +20,7 @@ on CUDA, float32 on CPU). Each decoder Linear is a ``QuantLinear`` holding ``qwe
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
@@ -24,6 +29,7 @@ import os
 import torch
 from torch import Tensor, nn
 
+from vexport.backends import int4_cpu
 from vexport.backends.base import ModuleRunner
 from vexport.errors import VexportError
 from vexport.quant.checkpoint import QUANTIZED_LINEARS, gptq_options
@@ -46,6 +52,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", torch.empty(groups, out_features, dtype=torch.float16, device=device))
         self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        self.cpu_int4: int4_cpu.PackedInt4 | None = None  # set by pack_for_cpu; not part of the state dict
 
     @classmethod
     def from_packed(cls, packed: dict[str, Tensor], bias: Tensor | None = None) -> "QuantLinear":
@@ -64,7 +71,17 @@ class QuantLinear(nn.Module):
         """The weight [O, I] in ``dtype`` (computed in float32, as the format defines it)."""
         return dequantize_packed(self.qweight, self.qzeros, self.scales, self.g_idx, dtype)
 
+    def pack_for_cpu(self) -> str | None:
+        """Repack the weight for the CPU int4 op (kept beside the GPTQ tensors); None, or why it cannot."""
+        reason = int4_cpu.unsupported_reason(self.out_features, self.g_idx, self.scales.shape[0])
+        if reason is None:
+            codes, zeros = unpack_codes(self.qweight, self.qzeros)
+            self.cpu_int4 = int4_cpu.pack_for_cpu(codes, zeros, self.scales, self.g_idx)
+        return reason
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.cpu_int4 is not None and x.device.type == "cpu":
+            return int4_cpu.int4_linear(x, self.cpu_int4, self.bias)
         rows = x.numel() // self.in_features
         if x.is_cuda and rows <= TRITON_MAX_TOKENS and triton_available():
             return self._forward_triton(x)
@@ -92,13 +109,54 @@ def dequantize_packed(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Te
     """``dequantize_gptq_v1`` without its validation and int64 [O, I] temporaries (no host syncs on CUDA):
     ``scales[g_idx[i], o] * (q[i, o] - zero[g_idx[i], o])`` in float32, returned [O, I] in ``dtype``. The v1
     zero offset is added to the whole word; only bits 0..31 are read, so int64 sign bits never matter."""
+    codes, zeros = unpack_codes(qweight, qzeros)
+    groups = g_idx.long()
+    weight = (codes - zeros[groups]).to(torch.float32) * scales[groups].to(torch.float32)
+    return weight.T.to(dtype)
+
+
+def unpack_codes(qweight: Tensor, qzeros: Tensor) -> tuple[Tensor, Tensor]:
+    """The int32 codes [I, O] and true zero points [G, O] of GPTQ v1 ``qweight`` and ``qzeros``."""
     shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
     codes = ((qweight[:, None, :] >> shifts[None, :, None]) & 0xF).reshape(-1, qweight.shape[1])  # [I, O]
     words = qzeros.to(torch.int64) + V1_ZERO_OFFSET
     zeros = ((words[:, :, None] >> shifts.long()) & 0xF).reshape(qzeros.shape[0], -1).to(torch.int32)  # [G, O]
-    groups = g_idx.long()
-    weight = (codes - zeros[groups]).to(torch.float32) * scales[groups].to(torch.float32)
-    return weight.T.to(dtype)
+    return codes, zeros
+
+
+def pack_linears_for_cpu(module: nn.Module) -> int:
+    """Give every QuantLinear of ``module`` the packed CPU int4 path where the op takes it; log the others
+    (one line per reason). Returns how many Linears were packed."""
+    skipped: dict[str, list[str]] = {}
+    packed = 0
+    for name, layer in module.named_modules():
+        if isinstance(layer, QuantLinear):
+            reason = layer.pack_for_cpu()
+            if reason is None:
+                packed += 1
+            else:
+                skipped.setdefault(reason, []).append(name)
+    for reason, names in skipped.items():
+        log.warning("int4 CPU: %d Linear(s) keep the dequantized float path (%s), e.g. %s", len(names), reason,
+                    names[0])
+    if packed:
+        log.info("int4 CPU: %d Linear(s) use torch's packed int4 matmul (bfloat16 compute)", packed)
+    return packed
+
+
+@contextlib.contextmanager
+def dequantized_linears(module: nn.Module):
+    """Inside the block, every QuantLinear of ``module`` runs the dequantized float path (the reference of
+    the packed CPU one); the packed weights are kept and restored on exit."""
+    layers = [m for m in module.modules() if isinstance(m, QuantLinear)]
+    packed = [m.cpu_int4 for m in layers]
+    try:
+        for m in layers:
+            m.cpu_int4 = None
+        yield module
+    finally:
+        for m, p in zip(layers, packed):
+            m.cpu_int4 = p
 
 
 class GPTQRunner(ModuleRunner):
@@ -144,6 +202,8 @@ def build_quantized_module(source, device: torch.device, dtype: torch.dtype) -> 
                            f"({' '.join(str(exc).split())[:300]})") from None
     _check_g_idx(module, source.path)
     _rebuild_rotary(module, device)
+    if device.type == "cpu":
+        pack_linears_for_cpu(module)
     return module
 
 
