@@ -25,13 +25,10 @@ except Exception:  # pragma: no cover - torch is a hard dependency
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Several xdist workers share the cores: one torch thread each (and in the CLI subprocesses they start), so that
-# they do not oversubscribe the CPUs. Tests that want more threads ask for them (--threads).
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
 import pytest
+
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_TORCH_THREADS = torch.get_num_threads()
 
 # a test file that imports Ray (or skips without it) runs in the "ray" group
 _USES_RAY = re.compile(r"^\s*(?:import ray\b|from ray\b)|importorskip\(\s*['\"]ray['\"]", re.MULTILINE)
@@ -53,6 +50,14 @@ def build_once(tmp_path_factory: pytest.TempPathFactory, name: str, build) -> Pa
             build(folder)
             done.touch()
     return folder
+
+
+@pytest.fixture(scope="module", autouse=True)  # before the file's own module fixtures
+def _torch_threads(request):
+    """With several xdist workers on the cores, one torch thread per worker, except in the Ray files: they are
+    the longest unit of work, so they keep every thread (the scheduler shares the CPUs out by thread)."""
+    if _WORKERS > 1:
+        torch.set_num_threads(_TORCH_THREADS if _uses_ray(request.path) else 1)
 
 
 @pytest.fixture(scope="session")
@@ -119,12 +124,13 @@ def pytest_xdist_make_scheduler(config, log):
 
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        # xdist hands out files in collection order: start the files with the most `slow` tests first, so that
-        # no long file is left to run alone at the end (a stable sort: the same order on every worker)
+        # xdist hands out the units in collection order: the Ray files first (the longest unit), then the files
+        # with the most `slow` tests, so that no long unit is left to run alone at the end (a stable sort: the
+        # same order on every worker)
         slow: dict[str, int] = {}
         for item in items:
             slow[_file(item.nodeid)] = slow.get(_file(item.nodeid), 0) + ("slow" in item.keywords)
-        items.sort(key=lambda item: -slow[_file(item.nodeid)])
+        items.sort(key=lambda item: (not _uses_ray(item.path), -slow[_file(item.nodeid)]))
     if _HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
