@@ -13,7 +13,6 @@ from tests.helpers import run_cli
 from tests.scoring_helpers import (
     assert_every_row_once,
     kill_at_random_points,
-    make_medium_model,
     mixed_rows,
     write_jsonl,
 )
@@ -71,11 +70,6 @@ def test_engine_ray_without_ray_names_the_install_line(tiny_model_dir, data, tmp
                             env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}, timeout=300)
     assert_bad_input(result, "--engine ray needs Ray Data", "pip install 'vexport[ray]'")
     assert not (tmp_path / "out").exists()
-
-
-@pytest.fixture(scope="module")
-def medium_model_dir(tmp_path_factory):
-    return make_medium_model(tmp_path_factory.mktemp("models") / "medium")
 
 
 @pytest.mark.slow

@@ -14,7 +14,6 @@ from tests.scoring_helpers import (
     assert_every_row_once,
     bad_rows,
     kill_at_random_points,
-    make_medium_model,
     mixed_rows,
     reference_ids,
     reference_values,
@@ -42,10 +41,8 @@ def ray_address():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    from vexport.trained import make_trained_value_model
-
-    return make_trained_value_model(tmp_path_factory.mktemp("trained") / "smollm2-value")
+def trained(trained_model_dir):  # built by make_trained_value_model, once per run (conftest.py)
+    return trained_model_dir
 
 
 @pytest.mark.slow
@@ -69,11 +66,6 @@ def test_local_and_ray_give_the_same_rows_and_values_as_load_values(trained, ray
     expected = np.array([v[-1] for v in reference_values(load(trained), sequences, batch=64)])
     np.testing.assert_allclose(a["value"].to_numpy(), expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(b["value"].to_numpy(), expected, rtol=1e-4, atol=1e-4)
-
-
-@pytest.fixture(scope="module")
-def medium_model_dir(tmp_path_factory):
-    return make_medium_model(tmp_path_factory.mktemp("models") / "medium")
 
 
 @pytest.mark.slow

