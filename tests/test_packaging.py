@@ -71,16 +71,21 @@ def installed(wheel, tmp_path_factory) -> Path:
     return venv
 
 
+def clean_env() -> dict[str, str]:
+    """This environment without what would put a source checkout on the installed interpreter's path."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+
+
 def run_installed(venv: Path, *args, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     return subprocess.run([str(venv / "bin" / "vexport"), *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={**env, "COLUMNS": "200", "NO_COLOR": "1"}, timeout=600)
+                          cwd=cwd, env={**clean_env(), "COLUMNS": "200", "NO_COLOR": "1"}, timeout=600)
 
 
 def test_the_installed_command_exports_checks_and_scores(installed, tiny_model_dir, tmp_path):
     python = installed / "bin" / "python"
     where = subprocess.run([str(python), "-c", "import vexport, vexport.scoring, vexport.kernels; "
-                            "print(vexport.__file__)"], capture_output=True, text=True, cwd=tmp_path, check=True)
+                            "print(vexport.__file__)"], capture_output=True, text=True, cwd=tmp_path, check=True,
+                           env=clean_env())
     assert Path(where.stdout.strip()).is_relative_to(installed), where.stdout  # the wheel, not the checkout
 
     exported = run_installed(installed, "export", tiny_model_dir, "--format", "onnx", "--output", tmp_path / "onnx",

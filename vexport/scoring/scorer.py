@@ -21,6 +21,7 @@ import torch
 
 from vexport.batching import (DEFAULT_BATCH_TOKENS, MIN_BATCH_FRACTION, MIN_LENGTH_RATIO, pad_batch, pad_id_of,
                                plan_batches, run_in_order, unpad)
+from vexport.errors import VexportError
 from vexport.scoring.rows import EncodedRow, RowEncoder
 
 NON_FINITE = "non-finite value (NaN or inf)"
