@@ -139,7 +139,8 @@ def plan(mode: str, work: Path) -> list[Step]:
              (*own, "--step", "models", "--json", str(fig / "models.json")), ("scripts/make_tiny_value_model.py",),
              figures=str(fig / "models.json")),
         Step("gpu_tests", "gpu-marked tests (pytest -m gpu)", 90,
-             (py, "-m", "pytest", "-m", "gpu", "-v", "-rA", "--durations=15", "-p", "no:cacheprovider",
+             (py, "-m", "pytest", "-o", "addopts=", "-p", "no:xdist",  # serial, and no xdist needed on the image
+              "-m", "gpu", "-v", "-rA", "--durations=15", "-p", "no:cacheprovider",
               f"--junitxml={work / 'gpu_tests.xml'}", *test_files), tuple(test_files),
              junit=str(work / "gpu_tests.xml")),
         Step("parity", "parity on CUDA: fp16 vs fp32 reference, GPTQ int4 vs fp16 reference", 60,

@@ -60,6 +60,18 @@ def _torch_threads(request):
         torch.set_num_threads(_TORCH_THREADS if _uses_ray(request.path) else 1)
 
 
+@pytest.fixture(scope="module")
+def ray_address():
+    """A local Ray instance for one test file (2 CPUs, no dashboard), shut down after it; its GCS address."""
+    import logging
+
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, logging_level=logging.WARNING)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from vexport.tiny import make_tiny_value_model

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import logging
 import random
 
 import numpy as np
@@ -31,13 +30,6 @@ _needs_smollm2 = pytest.mark.skipif(bool(_MISSING), reason=f"needs {_MISSING}: p
 # The trained model costs ~0.3 GFLOP a token: 2,000 rows of 1 to ~25 tokens, mostly plain text.
 TRAINED_ROWS = mixed_rows(2000, seed=11, max_words=8, bad_every=100, chats=0.1)
 KILL_ROWS = mixed_rows(300, seed=12, max_words=20, bad_every=30)
-
-
-@pytest.fixture(scope="module")
-def ray_address():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, logging_level=logging.WARNING)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

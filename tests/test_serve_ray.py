@@ -6,7 +6,6 @@ correct value or a clean 503 that is retried, never a wrong value, and Ray Serve
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import threading
@@ -28,13 +27,6 @@ serve = pytest.importorskip("ray.serve", reason="needs Ray Serve: pip install 'v
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_address():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, logging_level=logging.WARNING)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,9 @@ def _plain_help(params) -> None:
             param.metavar = param.name.upper()
 
 
-class _Command(typer.core.TyperCommand):
+class _PlainHelp:
+    """Mixed into Typer's command and group classes: plain metavars in --help (see _plain_help)."""
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         _plain_help(self.params)
@@ -38,19 +40,14 @@ class _Command(typer.core.TyperCommand):
         _plain_help([option] if option is not None else [])
         return option
 
+
+class _Command(_PlainHelp, typer.core.TyperCommand):
     def collect_usage_pieces(self, ctx) -> list[str]:  # Typer puts required arguments in braces: {MODEL}
         return [re.sub(r"^\{(.*)\}(\.\.\.)?$", r"\1\2", piece) for piece in super().collect_usage_pieces(ctx)]
 
 
-class _Group(typer.core.TyperGroup):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        _plain_help(self.params)
-
-    def get_help_option(self, ctx):
-        option = super().get_help_option(ctx)
-        _plain_help([option] if option is not None else [])
-        return option
+class _Group(_PlainHelp, typer.core.TyperGroup):
+    pass
 
 
 class _App(typer.Typer):
