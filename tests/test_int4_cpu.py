@@ -127,3 +127,59 @@ def test_sessions_and_score_group_equal_their_full_recomputation(int4_model):
     for response, got in zip(responses, int4_model.score_group(prompt, responses)):
         full = int4_model.values(torch.cat([prompt, torch.tensor(response)])[None])[0, len(prompt):]
         torch.testing.assert_close(torch.as_tensor(got), full, atol=atol, rtol=0)
+
+
+needs_dense = pytest.mark.skipif(int4_cpu.dense_unavailable_reason() is not None,
+                                 reason=f"prefill='bfloat16' unavailable: {int4_cpu.dense_unavailable_reason()}")
+
+
+@needs_dense
+@pytest.mark.parametrize("case", sorted(LINEAR_CASES))
+def test_bfloat16_prefill_copies_match_dequantized_and_only_take_prefills(case):
+    in_f, out_f, group_size, sym, act_order, bias = LINEAR_CASES[case]
+    layer = quant_linear(in_f, out_f, group_size, sym, act_order, bias)
+    assert layer.pack_for_cpu(dense=True) is None and layer.cpu_int4.dense is not None
+    packed = layer.cpu_int4
+    int4_only = int4_cpu.PackedInt4(packed.weight, packed.scale_and_zeros, packed.group_size, packed.perm)
+    gen = torch.Generator().manual_seed(6)
+    for rows in (1, int4_cpu.DENSE_MIN_ROWS - 1, int4_cpu.DENSE_MIN_ROWS, 70):
+        x = torch.randn(rows, in_f, generator=gen)
+        reference = x @ layer.dequantized_weight(torch.float32).T + (layer.bias if bias else 0)
+        out = layer(x)
+        atol, rtol = TOLERANCE[torch.bfloat16]
+        torch.testing.assert_close(out, reference, atol=atol * float(reference.abs().max()), rtol=rtol)
+        assert sqnr_db(reference, out) > 35
+        if rows < int4_cpu.DENSE_MIN_ROWS:  # few rows: the int4 op, bit for bit
+            assert torch.equal(out, int4_cpu.int4_linear(x, int4_only, layer.bias))
+        else:  # a prefill: the bfloat16 copy (columns in their own order, act-order or not)
+            dense = torch.ops.mkldnn._linear_pointwise(x.bfloat16(), packed.dense, None, "none", [], "").float()
+            assert torch.equal(out, dense + (layer.bias if bias else 0))
+
+
+@needs_dense
+def test_bfloat16_load_matches_the_reference_in_prefill_and_sessions(tiny_gqa_model_dir, tmp_path):
+    folder = write_rtn_checkpoint(tiny_gqa_model_dir, tmp_path / "int4", group_size=32, sym=False, desc_act=True)
+    reference_model = load(folder)
+    fast = load(folder, dtype="bfloat16", cpu_prefill="bfloat16")
+    layers = _quant_linears(fast)
+    assert layers and all(m.cpu_int4.dense is not None for m in layers)
+    assert fast.runner.dtype == torch.bfloat16
+    ids = torch.randint(4, 1000, (2, 40), generator=torch.Generator().manual_seed(7))
+    with dequantized_linears(reference_model.runner.module):
+        reference = reference_model.values(ids)
+    got = fast.values(ids)
+    assert got.dtype == torch.float32 and sqnr_db(reference, got) > 25
+    # a session's steps take the int4 op, its prompt and the full forward the bfloat16 copies: bfloat16 apart
+    prompt = ids[0, :30]
+    session = fast.session(prompt)
+    chunks = [[5, 6, 7], [9]]
+    expected = torch.tensor([float(fast.values(torch.cat([prompt, torch.tensor(c)])[None])[0, -1]) for c in chunks])
+    scale = float(reference.abs().max())
+    torch.testing.assert_close(session.score(chunks), expected, atol=5e-2 * scale, rtol=0)
+
+
+def test_cpu_prefill_is_checked(tiny_gqa_model_dir):
+    from vexport.errors import InputError
+
+    with pytest.raises(InputError, match="cpu_prefill 'fp8' is not one of int4, bfloat16"):
+        load(tiny_gqa_model_dir, cpu_prefill="fp8")

@@ -224,7 +224,7 @@ def check_device(device: str | torch.device | None, flag: str = "device") -> tor
 
 def load(model: str | os.PathLike, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
          *, allow_pickle: bool = False, threads: int | None = None, verify_hashes: bool = True,
-         cpu_kernels: str = "onednn") -> ValueModel:
+         cpu_kernels: str = "onednn", cpu_prefill: str = "int4") -> ValueModel:
     """Load an exported artifact (by its manifest) or a Hugging Face value model (the torch reference).
 
     The reference is float16 on CUDA and float32 on CPU unless ``dtype`` says otherwise. On CPU in float32 its
@@ -233,11 +233,18 @@ def load(model: str | os.PathLike, device: str | torch.device | None = None, dty
     (``backends/cpu_attention.py``); ``cpu_kernels="torch"`` keeps plain transformers. An artifact's files
     are checked against its manifest first: sizes always, sha256 hashes unless ``verify_hashes=False`` (for
     very large local files you trust; hashing reads every byte, about 1 minute for 26 GB).
+
+    A GPTQ folder runs its activations in ``dtype`` too (float32 on CPU unless given; ``"bfloat16"`` skips a
+    cast around every int4 matmul, whose CPU kernel computes in bfloat16 anyway). ``cpu_prefill="bfloat16"``
+    keeps a bfloat16 copy of each int4 Linear for calls of 8 rows or more (prefills; about twice the int4
+    op's speed there, 2 more bytes per weight in memory); fewer rows keep the int4 op (``backends/int4_cpu.py``).
     """
     device = check_device(device)
     path = Path(model).expanduser()
+    if cpu_prefill not in ("int4", "bfloat16"):  # backends/gptq.py PREFILL_WEIGHTS (imported only for a GPTQ folder)
+        raise InputError(f"cpu_prefill {cpu_prefill!r} is not one of int4, bfloat16")
     if is_artifact(path):
-        return _load_artifact(path, device, threads, verify_hashes)
+        return _load_artifact(path, device, threads, verify_hashes, _torch_dtype(dtype), cpu_prefill)
     if cpu_kernels not in ("onednn", "torch"):
         raise InputError(f"cpu_kernels {cpu_kernels!r} is not one of onednn, torch")
     return _load_reference(model, device, dtype, allow_pickle, cpu_kernels)
@@ -259,7 +266,8 @@ def _load_reference(model, device, dtype, allow_pickle: bool, cpu_kernels: str =
     return ValueModel(TorchRunner(module), source.config, source.path)
 
 
-def _load_artifact(path: Path, device, threads: int | None, verify_hashes: bool = True) -> ValueModel:
+def _load_artifact(path: Path, device, threads: int | None, verify_hashes: bool = True,
+                   dtype: torch.dtype | None = None, cpu_prefill: str = "int4") -> ValueModel:
     from transformers import AutoConfig
 
     manifest = read_manifest(path)
@@ -275,7 +283,7 @@ def _load_artifact(path: Path, device, threads: int | None, verify_hashes: bool 
     elif manifest.format == "gptq":
         from vexport.backends.gptq import GPTQRunner
 
-        runner = GPTQRunner(path, device=device)
+        runner = GPTQRunner(path, device=device, dtype=dtype, prefill=cpu_prefill)
     # --- end gptq ---
     # --- tensorrt: engines built by export/tensorrt.py (backends/tensorrt.py) ---
     elif manifest.format == "tensorrt":

@@ -31,13 +31,14 @@ from torch import Tensor, nn
 
 from vexport.backends import int4_cpu
 from vexport.backends.base import ModuleRunner
-from vexport.errors import VexportError
+from vexport.errors import InputError, VexportError
 from vexport.quant.checkpoint import QUANTIZED_LINEARS, gptq_options
 from vexport.quant.pack import V1_ZERO_OFFSET
 
 log = logging.getLogger(__name__)
 
 TRITON_MAX_TOKENS = 64  # rows (batch x tokens) up to which CUDA uses the fused Triton kernel
+PREFILL_WEIGHTS = ("int4", "bfloat16")  # what CPU prefills multiply: the int4 op, or bfloat16 copies (int4_cpu)
 
 
 class QuantLinear(nn.Module):
@@ -71,12 +72,14 @@ class QuantLinear(nn.Module):
         """The weight [O, I] in ``dtype`` (computed in float32, as the format defines it)."""
         return dequantize_packed(self.qweight, self.qzeros, self.scales, self.g_idx, dtype)
 
-    def pack_for_cpu(self) -> str | None:
-        """Repack the weight for the CPU int4 op (kept beside the GPTQ tensors); None, or why it cannot."""
+    def pack_for_cpu(self, dense: bool = False) -> str | None:
+        """Repack the weight for the CPU int4 op (kept beside the GPTQ tensors), with a bfloat16 copy for
+        prefills when ``dense``; None, or why it cannot."""
         reason = int4_cpu.unsupported_reason(self.out_features, self.g_idx, self.scales.shape[0])
         if reason is None:
             codes, zeros = unpack_codes(self.qweight, self.qzeros)
-            self.cpu_int4 = int4_cpu.pack_for_cpu(codes, zeros, self.scales, self.g_idx)
+            weight = self.dequantized_weight(torch.float32) if dense else None
+            self.cpu_int4 = int4_cpu.pack_for_cpu(codes, zeros, self.scales, self.g_idx, weight)
         return reason
 
     def forward(self, x: Tensor) -> Tensor:
@@ -124,14 +127,19 @@ def unpack_codes(qweight: Tensor, qzeros: Tensor) -> tuple[Tensor, Tensor]:
     return codes, zeros
 
 
-def pack_linears_for_cpu(module: nn.Module) -> int:
+def pack_linears_for_cpu(module: nn.Module, prefill: str = "int4") -> int:
     """Give every QuantLinear of ``module`` the packed CPU int4 path where the op takes it; log the others
-    (one line per reason). Returns how many Linears were packed."""
+    (one line per reason). ``prefill="bfloat16"`` also keeps each one's bfloat16 copy for calls of
+    ``int4_cpu.DENSE_MIN_ROWS`` rows or more (``int4_cpu``'s docstring). Returns how many Linears were packed."""
+    dense = prefill == "bfloat16"
+    if dense and (why := int4_cpu.dense_unavailable_reason()):
+        log.warning("int4 CPU: prefill='bfloat16' unavailable (%s): every call uses the int4 op", why)
+        dense = False
     skipped: dict[str, list[str]] = {}
     packed = 0
     for name, layer in module.named_modules():
         if isinstance(layer, QuantLinear):
-            reason = layer.pack_for_cpu()
+            reason = layer.pack_for_cpu(dense)
             if reason is None:
                 packed += 1
             else:
@@ -140,7 +148,8 @@ def pack_linears_for_cpu(module: nn.Module) -> int:
         log.warning("int4 CPU: %d Linear(s) keep the dequantized float path (%s), e.g. %s", len(names), reason,
                     names[0])
     if packed:
-        log.info("int4 CPU: %d Linear(s) use torch's packed int4 matmul (bfloat16 compute)", packed)
+        log.info("int4 CPU: %d Linear(s) use torch's packed int4 matmul (bfloat16 compute)%s", packed,
+                 f", oneDNN bfloat16 copies from {int4_cpu.DENSE_MIN_ROWS} rows" if dense else "")
     return packed
 
 
@@ -169,7 +178,7 @@ class GPTQRunner(ModuleRunner):
     name = "gptq"
 
     def __init__(self, folder: str | os.PathLike, device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, prefill: str = "int4"):
         from vexport.model import open_model
 
         source = open_model(folder)
@@ -177,14 +186,16 @@ class GPTQRunner(ModuleRunner):
         device = torch.device(device) if device is not None else \
             torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-        super().__init__(build_quantized_module(source, device, dtype), device=device)
+        if prefill not in PREFILL_WEIGHTS:
+            raise InputError(f"prefill {prefill!r} is not one of {', '.join(PREFILL_WEIGHTS)}")
+        super().__init__(build_quantized_module(source, device, dtype, prefill), device=device)
         if self.device.type == "cuda" and not triton_available():
             log.warning("triton is not installed: int4 matmuls dequantize then use cuBLAS at every batch size "
                         "(pip install 'vexport[triton]' for the fused kernel)")
         log.info("GPTQ int4 model from %s on %s (%s activations)", source.path, self.device, self.dtype)
 
 
-def build_quantized_module(source, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def build_quantized_module(source, device: torch.device, dtype: torch.dtype, prefill: str = "int4") -> nn.Module:
     """LlamaForTokenClassification from the source config, QuantLinear layers, every tensor read once."""
     from transformers import AutoModelForTokenClassification
 
@@ -203,7 +214,10 @@ def build_quantized_module(source, device: torch.device, dtype: torch.dtype) -> 
     _check_g_idx(module, source.path)
     _rebuild_rotary(module, device)
     if device.type == "cpu":
-        pack_linears_for_cpu(module)
+        from vexport.backends.cpu_attention import use_gqa_attention
+
+        pack_linears_for_cpu(module, prefill)
+        use_gqa_attention(module)
     return module
 
 

@@ -14,6 +14,14 @@ From GPTQ v1 (``W[o, i] = s[g_idx[i], o] * (q[i, o] - z[g_idx[i], o])``, FORMATS
   256 and a shorter last group fit.
 
 ``unsupported_reason`` says why a Linear cannot take this path (it then keeps the dequantized one).
+
+Prefill (``prefill="bfloat16"``, opt-in): from ``DENSE_MIN_ROWS`` rows on, the op is compute-bound at float32's
+speed (it dequantizes a weight tile for every few rows and multiplies in float32), while oneDNN's bfloat16 GEMM
+(``avx512_bf16`` dot products) runs about twice as fast. ``pack_for_cpu(..., dense=True)`` keeps a bfloat16 copy
+of the dequantized weight, reordered once for oneDNN, and ``int4_linear`` sends calls of that many rows to it:
+the same dequantized weight rounded to bfloat16 (8 bits of mantissa, where the int4 codes need 4), at 2 more
+bytes per weight in memory. Fewer rows (value-guided steps, decoding) keep the int4 op, which reads a quarter
+of the bytes.
 """
 
 from __future__ import annotations
@@ -28,22 +36,35 @@ KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes the op accepts, largest first
 N_MULTIPLE = 16  # the op's out_features must be a multiple of this
 INNER_K_TILES = 2  # ignored by the CPU layout beyond validation; the CUDA default
 COMPUTE_DTYPE = torch.bfloat16
+DENSE_MIN_ROWS = 8  # rows from which oneDNN bfloat16 beats the int4 op (scripts/bench_int4_cpu.py --sweep)
+DENSE_ROWS_HINT = 1024  # the row count oneDNN lays the bfloat16 weight out for (as backends/cpu_linear.py)
 
 
 @dataclass(frozen=True)
 class PackedInt4:
     """One Linear in the op's layout: ``weight`` uint8 [O, I/2], ``scale_and_zeros`` [I/group, O, 2] bfloat16,
-    ``perm`` int64 [I] (the input column order) or None where the columns are already in group order."""
+    ``perm`` int64 [I] (the input column order) or None where the columns are already in group order;
+    ``dense`` the oneDNN-reordered bfloat16 weight [O, I] (input columns in their own order) for prefills, or None."""
 
     weight: Tensor
     scale_and_zeros: Tensor
     group_size: int
     perm: Tensor | None
+    dense: Tensor | None = None
 
 
 def op_available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and \
         hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+def dense_unavailable_reason() -> str | None:
+    """None when oneDNN runs bfloat16 GEMMs natively here (the ``prefill="bfloat16"`` path), else why not."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return f"torch {torch.__version__} has no oneDNN linear"
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "this CPU has no native bfloat16 dot products (avx512_bf16 or AMX)"
+    return None
 
 
 def unsupported_reason(out_features: int, g_idx: Tensor, groups: int,
@@ -71,9 +92,11 @@ def _kernel_group(columns: int) -> int | None:
     return next((k for k in KERNEL_GROUPS if columns % k == 0), None)
 
 
-def pack_for_cpu(codes: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor) -> PackedInt4:
+def pack_for_cpu(codes: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor,
+                 dense_weight: Tensor | None = None) -> PackedInt4:
     """``codes`` int32 [I, O] (0..15), ``zeros`` int32 [G, O] (true zero points), ``scales`` [G, O], ``g_idx``
-    [I]: the op's layout. The caller checks ``unsupported_reason`` first."""
+    [I]: the op's layout. ``dense_weight`` (the dequantized [O, I], for the prefill path) is kept in bfloat16,
+    reordered for oneDNN. The caller checks ``unsupported_reason`` (and ``dense_unavailable_reason``) first."""
     groups = g_idx.long()
     order = torch.sort(groups, stable=True).indices
     identity = bool((order == torch.arange(len(order))).all())
@@ -83,16 +106,24 @@ def pack_for_cpu(codes: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor) ->
     zero = scale * (8 - zeros.to(torch.float32)[first])
     weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes[order].T.contiguous(), INNER_K_TILES)
     scale_and_zeros = torch.stack([scale, zero], dim=-1).to(COMPUTE_DTYPE).contiguous()
-    return PackedInt4(weight, scale_and_zeros, group_size, None if identity else order)
+    dense = None
+    if dense_weight is not None:
+        dense = torch.ops.mkldnn._reorder_linear_weight(dense_weight.to(COMPUTE_DTYPE).contiguous(), DENSE_ROWS_HINT)
+    return PackedInt4(weight, scale_and_zeros, group_size, None if identity else order, dense)
 
 
 def int4_linear(x: Tensor, packed: PackedInt4, bias: Tensor | None) -> Tensor:
-    """``x @ W^T + bias`` in bfloat16 through the op, returned in ``x``'s dtype."""
-    flat = x.reshape(-1, x.shape[-1])
-    if packed.perm is not None:
-        flat = flat.index_select(1, packed.perm)
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(COMPUTE_DTYPE), packed.weight, packed.group_size,
-                                                     packed.scale_and_zeros).to(x.dtype)
+    """``x @ W^T + bias`` in bfloat16 through the op (or, from ``DENSE_MIN_ROWS`` rows, oneDNN's bfloat16 GEMM
+    where ``packed.dense`` is kept), returned in ``x``'s dtype."""
+    flat = x.reshape(-1, x.shape[-1]).to(COMPUTE_DTYPE)
+    if packed.dense is not None and flat.shape[0] >= DENSE_MIN_ROWS:
+        out = torch.ops.mkldnn._linear_pointwise(flat, packed.dense, None, "none", [], "")
+    else:
+        if packed.perm is not None:
+            flat = flat.index_select(1, packed.perm)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed.weight, packed.group_size,
+                                                         packed.scale_and_zeros)
+    out = out.to(x.dtype)
     if bias is not None:
         out = out + bias.to(out.dtype)
     return out.reshape(*x.shape[:-1], out.shape[-1])
