@@ -191,7 +191,7 @@ def main() -> None:
         },
         "ratios_packed_vs_dequantized": {"prefill": tps["int4_packed"] / tps["int4_dequantized"],
                                          "steps": sps["int4_packed"] / sps["int4_dequantized"]},
-        "decoder_linear_weight_mb": {name: round(b / 2**20, 1) for name, b in held.items()},
+        "decoder_linear_weight_mb": {name: round(b / 2**20, 3) for name, b in held.items()},
         "max_abs_diff_packed_vs_dequantized": {
             "prefill": max_diff(prefill["values"], "int4_packed", "int4_dequantized"),
             "steps": max_diff(steps["values"], "int4_packed", "int4_dequantized"),

@@ -183,3 +183,24 @@ def test_cpu_prefill_is_checked(tiny_gqa_model_dir):
 
     with pytest.raises(InputError, match="cpu_prefill 'fp8' is not one of int4, bfloat16"):
         load(tiny_gqa_model_dir, cpu_prefill="fp8")
+
+
+@needs_dense
+def test_bench_script_runs_every_method_and_reports_their_bytes(tiny_gqa_model_dir):
+    """scripts/bench_int4_cpu.py end to end on the tiny model (1 repeat: code paths and fidelity, not speed)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_int4_cpu.py"
+    done = subprocess.run([sys.executable, str(script), "--model", str(tiny_gqa_model_dir), "--group-size", "32",
+                           "--repeats", "1", "--steps", "2", "--sweep"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout[done.stdout.index("{"):])
+    methods = {"int4_packed", "int4_packed_bf16", "int4_bf16_prefill", "int4_dequantized"}
+    assert set(results["ratios_vs_float32"]["prefill"]) == methods == set(results["ratios_vs_float32"]["steps"])
+    held = results["decoder_linear_weight_mb"]
+    assert held["int4_packed"] == held["int4_packed_bf16"] < held["int4_bf16_prefill"] < held["float32"]
+    assert min(results["sqnr_db_prefill"][f"{m}_vs_dequantized"] for m in methods - {"int4_dequantized"}) > 20
+    assert set(results["row_sweep"]["ms_per_call"]) == {"1", "2", "4", "8", "16", "32", "64", "256"}
