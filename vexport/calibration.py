@@ -36,7 +36,7 @@ import torch
 from jinja2 import TemplateError
 
 from vexport.errors import InputError, VexportError
-from vexport.evalset import ROLES, render
+from vexport.evalset import checked_messages, render
 from vexport.jsonl import parse_json, read_lines
 
 __all__ = [
@@ -247,15 +247,7 @@ def _non_empty_string(record: dict, key: str, where: str) -> str:
 
 def _parse_chat(messages: Any, where: str) -> Conversation:
     """A whole chat; a final assistant turn becomes the response (else the response is empty)."""
-    if not isinstance(messages, list) or not messages:
-        raise VexportError(f"{where}: 'messages' must be a non-empty list")
-    parsed = []
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise VexportError(f"{where}: messages[{index}] must be an object with a string 'content'")
-        if message.get("role") not in ROLES:
-            raise VexportError(f"{where}: messages[{index}] has role {message.get('role')!r}, expected one of {ROLES}")
-        parsed.append({"role": message["role"], "content": message["content"]})
+    parsed = checked_messages(messages, where)
     response = parsed.pop()["content"] if parsed[-1]["role"] == "assistant" else ""
     if not parsed or parsed[-1]["role"] != "user":
         raise VexportError(f"{where}: 'messages' must end with a user turn, or a user turn then an assistant turn")

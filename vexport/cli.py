@@ -18,7 +18,7 @@ from rich.table import Table
 from vexport.errors import VexportError
 
 
-# --- help layout: no "<bool>" beside flags, "MODEL" (not "{model}") for arguments in the usage line ---
+# The help layout: no "<bool>" beside flags, "MODEL" (not "{model}") for arguments in the usage line.
 def _plain_help(params) -> None:
     """Flags show no type label; arguments show their name in capitals (as the docstrings spell them)."""
     for param in params:
@@ -53,7 +53,6 @@ class _Group(_PlainHelp, typer.core.TyperGroup):
 class _App(typer.Typer):
     def command(self, *args, cls=None, **kwargs):
         return super().command(*args, cls=cls or _Command, **kwargs)
-# --- end help layout ---
 
 
 app = _App(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Group,
@@ -340,7 +339,6 @@ def _fmt(value) -> str:
     return "" if value is None else str(value)
 
 
-# --- score: dataset scoring (vexport/scoring) ---
 @app.command()
 @_command
 def score(
@@ -380,10 +378,8 @@ def score(
         return
     out.print(f"scored {summary['rows_scored']} rows, rejected {summary['rows_rejected']} "
               f"(see {output / 'errors.jsonl'}); {summary['this_run']['tokens_per_s']:,.0f} tokens/s; wrote {output}")
-# --- end score ---
 
 
-# --- serve: values over HTTP (vexport/serve) ---
 @app.command()
 @_command
 def serve(
@@ -420,7 +416,6 @@ def serve(
     out.print(f"serving {model} on {server.url} ({engine} engine); SIGTERM or Ctrl-C drains and stops",
               highlight=False, soft_wrap=True)
     server.run()
-# --- end serve ---
 
 
 if __name__ == "__main__":  # pragma: no cover

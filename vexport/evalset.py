@@ -15,9 +15,11 @@ from vexport.jsonl import parse_json, read_lines
 
 __all__ = [
     "TULU_CHAT_TEMPLATE",
+    "ChatError",
     "EncodedSample",
     "PromptGroup",
     "builtin_prompt_groups",
+    "checked_messages",
     "encode",
     "encode_groups",
     "long_context_samples",
@@ -114,18 +116,42 @@ def _parse_record(record: Any, where: str) -> PromptGroup:
 
 def _parse_messages(messages: Any, where: str) -> tuple[dict, ...]:
     """Validate a chat: a non-empty list of {role, content} objects that ends with a user turn."""
-    if not isinstance(messages, list) or not messages:
-        raise VexportError(f"{where}: 'messages' must be a non-empty list")
-    parsed = []
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise VexportError(f"{where}: messages[{index}] must be an object with a string 'content'")
-        if message.get("role") not in ROLES:
-            raise VexportError(f"{where}: messages[{index}] has role {message.get('role')!r}, expected one of {ROLES}")
-        parsed.append({"role": message["role"], "content": message["content"]})
+    parsed = checked_messages(messages, where)
     if parsed[-1]["role"] != "user":
         raise VexportError(f"{where}: the last message must have role 'user', got {parsed[-1]['role']!r}")
     return tuple(parsed)
+
+
+class ChatError(VexportError):
+    """Why a chat ``messages`` field is refused; ``reason`` is the text without the place it was read from."""
+
+    def __init__(self, reason: str, where: str | None = None):
+        super().__init__(reason, where)  # both in args, so the error pickles (Ray workers)
+        self.reason, self.where = reason, where
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason}" if self.where else self.reason
+
+
+def checked_messages(messages: Any, where: str | None = None, roles: tuple[str, ...] | None = ROLES) -> list[dict]:
+    """A chat ``messages`` field as a new list of {role, content} dicts (other keys dropped), or ChatError
+    (its message prefixed by ``where`` when given): a non-empty list of objects, each with a string
+    'content' and a role in ``roles``; with ``roles=None`` any string role, left to the chat template to
+    judge. The one validator of the field, for the evaluation set, calibration files and scoring rows; what
+    the chat must end with is each caller's rule."""
+    if not isinstance(messages, list) or not messages:
+        raise ChatError("'messages' must be a non-empty list" + ("" if roles else " of {role, content} objects"), where)
+    for index, message in enumerate(messages):
+        if roles is None:
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                    and isinstance(message.get("content"), str)):
+                raise ChatError(f"messages[{index}] must be an object with string 'role' and 'content'", where)
+            continue
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise ChatError(f"messages[{index}] must be an object with a string 'content'", where)
+        if message.get("role") not in roles:
+            raise ChatError(f"messages[{index}] has role {message.get('role')!r}, expected one of {roles}", where)
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def _parse_responses(responses: Any, where: str) -> tuple[str, ...]:

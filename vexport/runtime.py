@@ -76,7 +76,7 @@ class ValueModel:
 
     forward = __call__
 
-    # --- decoding: KV-cached calls, sessions and shared-prompt scoring (vexport/decoding) ---
+    # Decoding: KV-cached calls, sessions and shared-prompt scoring (vexport/decoding).
     def _wants_cache(self, kwargs: dict) -> bool:
         """A cache was passed (any backend: the others refuse it by name), or asked for on a torch backend."""
         passed = any(kwargs.get(name) is not None for name in _CACHE_KWARGS)
@@ -107,7 +107,6 @@ class ValueModel:
         from vexport.decoding import score_group
 
         return score_group(self, prompt_ids, responses)
-    # --- end decoding ---
 
     def values(self, input_ids, attention_mask=None) -> torch.Tensor:
         """float32 [B, T]: the value of every token; padding positions are 0 (a row with no real token is 0)."""
@@ -279,18 +278,14 @@ def _load_artifact(path: Path, device, threads: int | None, verify_hashes: bool 
 
         graph = inside(path, str(manifest.format_options.get("graph", "")), f"{MANIFEST_NAME} format_options.graph")
         runner = OnnxRuntimeRunner(graph, device=device and str(device), threads=threads)
-    # --- gptq: the int4 torch backend (backends/gptq.py) ---
     elif manifest.format == "gptq":
         from vexport.backends.gptq import GPTQRunner
 
         runner = GPTQRunner(path, device=device, dtype=dtype, prefill=cpu_prefill)
-    # --- end gptq ---
-    # --- tensorrt: engines built by export/tensorrt.py (backends/tensorrt.py) ---
     elif manifest.format == "tensorrt":
         from vexport.backends.tensorrt import TensorRTRunner
 
         runner = TensorRTRunner(path, manifest, device=device)
-    # --- end tensorrt ---
     else:
         raise ManifestError(f"{path / MANIFEST_NAME} has format {manifest.format!r}, which this vexport cannot load")
     return ValueModel(runner, config, path, manifest)

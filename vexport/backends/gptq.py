@@ -33,7 +33,7 @@ from vexport.backends import int4_cpu
 from vexport.backends.base import ModuleRunner
 from vexport.errors import InputError, VexportError
 from vexport.quant.checkpoint import QUANTIZED_LINEARS, gptq_options
-from vexport.quant.pack import V1_ZERO_OFFSET
+from vexport.quant.pack import unpack_codes
 
 log = logging.getLogger(__name__)
 
@@ -116,15 +116,6 @@ def dequantize_packed(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Te
     groups = g_idx.long()
     weight = (codes - zeros[groups]).to(torch.float32) * scales[groups].to(torch.float32)
     return weight.T.to(dtype)
-
-
-def unpack_codes(qweight: Tensor, qzeros: Tensor) -> tuple[Tensor, Tensor]:
-    """The int32 codes [I, O] and true zero points [G, O] of GPTQ v1 ``qweight`` and ``qzeros``."""
-    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
-    codes = ((qweight[:, None, :] >> shifts[None, :, None]) & 0xF).reshape(-1, qweight.shape[1])  # [I, O]
-    words = qzeros.to(torch.int64) + V1_ZERO_OFFSET
-    zeros = ((words[:, :, None] >> shifts.long()) & 0xF).reshape(qzeros.shape[0], -1).to(torch.int32)  # [G, O]
-    return codes, zeros
 
 
 def pack_linears_for_cpu(module: nn.Module, prefill: str = "int4") -> int:

@@ -60,8 +60,8 @@ def export_onnx(model: str | os.PathLike, output: str | os.PathLike, dtype: str 
     if reason:
         log.warning("writing the plain ONNX graph: %s", reason)
     optimized = optimize and reason is None
-    # --- int4: a GPTQ source folder gives MatMulNBits Linears (export/graph/int4_ort.py); the plain graph computes
-    # them in float, as the runtimes that run it do ---
+    # A GPTQ source folder gives MatMulNBits Linears (export/graph/int4_ort.py); the plain graph computes them in
+    # float, as the runtimes that run it do.
     level = int4_accuracy_level if optimized else None
     int4 = MatMulNBitsEmitter(source, level) if is_gptq_config(source.config) else None
     graph, weights = _build(source, dtype, int4, optimized)
@@ -69,7 +69,6 @@ def export_onnx(model: str | os.PathLike, output: str | os.PathLike, dtype: str 
     if int4 is not None:
         add_contrib_opset(graph)
         precision, options = "int4", {**options, **int4.format_options(dtype)}
-    # --- end int4 ---
     finite = FiniteCheck(tensor_reader(source), source.path, strict)
     if strict and not source.pickle:  # refused before anything is written
         finite.scan(sorted(source.tensors), dtype)

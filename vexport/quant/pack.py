@@ -3,7 +3,8 @@
 ``qweight`` int32 [I/8, O]: 8 codes along the input dimension per word, lowest 4 bits first.
 ``qzeros`` int32 [G, O/8]: 8 zero points along the output dimension per word, lowest bits first, stored as
 ``zero - 1`` by subtracting 0x11111111 from the whole word (borrows included). ``scales`` float16 [G, O].
-``g_idx`` int32 [I]. All word arithmetic is done in int64 and wrapped to int32 at the end.
+``g_idx`` int32 [I]. Packing is done in int64 and wrapped to int32 at the end; ``unpack_codes`` reads only
+bits 0..31 of each word, so it is the one unpacking of the format, for the checked reader here and the runtime.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def unpack_gptq_v1(
     sorted); pass them from the checkpoint's quantize config where it is known."""
     _check_bits(bits)
     qweight, qzeros, scales, g_idx = _checked_tensors(tensors)
-    q = _unpack_last(_as_uint32(qweight).T).to(torch.uint8)  # [O, I]
-    zeros = _unpack_last((_as_uint32(qzeros) + V1_ZERO_OFFSET) % _WORD).to(torch.int32)
+    codes, zeros = unpack_codes(qweight, qzeros)
+    q = codes.T.to(torch.uint8).contiguous()  # [O, I]
     g_idx = g_idx.to(torch.int32)
     if group_size is None:
         counts = torch.bincount(g_idx.long(), minlength=scales.shape[0])
@@ -68,6 +69,18 @@ def dequantize_gptq_v1(tensors: dict[str, Tensor], dtype: torch.dtype = torch.fl
     """The weight [O, I] the GPTQ v1 tensors stand for: ``scales[g_idx[i], o] * (q[o, i] - zero[g_idx[i], o])``
     computed in float32, then cast to ``dtype``."""
     return unpack_gptq_v1(tensors).dequantize(dtype)
+
+
+def unpack_codes(qweight: Tensor, qzeros: Tensor) -> tuple[Tensor, Tensor]:
+    """The int32 codes [I, O] and true zero points [G, O] of GPTQ v1 ``qweight`` [I/8, O] and ``qzeros``
+    [G, O/8], unchecked (``unpack_gptq_v1`` checks first) and without host syncs, so the runtime's
+    dequantization can call it per forward. The v1 zero offset is added to the whole word in int64; only bits
+    0..31 are read, so the sign bits of the int32 and int64 words never matter."""
+    shifts = torch.arange(0, 32, PACK_BITS, device=qweight.device, dtype=torch.int32)
+    codes = ((qweight[:, None, :] >> shifts[None, :, None]) & _NIBBLE).reshape(-1, qweight.shape[1])  # [I, O]
+    words = qzeros.to(torch.int64) + V1_ZERO_OFFSET
+    zeros = ((words[:, :, None] >> shifts.long()) & _NIBBLE).reshape(qzeros.shape[0], -1).to(torch.int32)  # [G, O]
+    return codes, zeros
 
 
 def _check_bits(bits: int) -> None:
@@ -107,19 +120,8 @@ def _pack_last(values: Tensor) -> Tensor:
     return (grouped << shifts).sum(dim=-1)
 
 
-def _unpack_last(words: Tensor) -> Tensor:
-    """int64 [..., k] (values in 0..2^32-1) -> int64 [..., 8k], the inverse of ``_pack_last``."""
-    shifts = torch.arange(PER_WORD, device=words.device, dtype=torch.int64) * PACK_BITS
-    nibbles = (words[..., None] >> shifts) & _NIBBLE
-    return nibbles.reshape(*words.shape[:-1], -1)
-
-
 def _wrap_int32(words: Tensor) -> Tensor:
     """int64 words taken modulo 2^32, reinterpreted as two's-complement int32."""
     unsigned = words % _WORD
     return torch.where(unsigned >= _WORD // 2, unsigned - _WORD, unsigned).to(torch.int32)
 
-
-def _as_uint32(words: Tensor) -> Tensor:
-    """int32 words as their unsigned value, held in int64."""
-    return words.to(torch.int64) % _WORD

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vexport.errors import VexportError
-from vexport.evalset import encode, render
+from vexport.evalset import ChatError, checked_messages, encode, render
 
 CHARS_PER_TOKEN_CAP = 64  # a text over 64 x max_length characters is rejected before it is tokenized
 _FORMS = "give 'text', 'prompt' and 'response', or 'messages'"
@@ -197,13 +197,10 @@ def _text_field(value: Any, name: str = "text") -> str:
 
 
 def _messages(messages: Any) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise RowRejected("'messages' must be a non-empty list of {role, content} objects")
-    for index, message in enumerate(messages):
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)):
-            raise RowRejected(f"messages[{index}] must be an object with string 'role' and 'content'")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    try:
+        return checked_messages(messages, roles=None)  # the chat template judges the roles
+    except ChatError as exc:
+        raise RowRejected(exc.reason) from None
 
 
 def _render_chat(tokenizer: Any, messages: list[dict]) -> str:
