@@ -198,18 +198,25 @@ def convert_gguf(converter: Path, hf: Path, out: Path, outtype: str) -> str | No
 
 
 def quantize_gguf(source: Path | None, out: Path, kind: str) -> str | None:
-    """SOURCE (GGUF F32) -> KIND (Q8_0, Q4_0) with llama-cpp-python's llama_model_quantize; None, or why not."""
+    """SOURCE (GGUF F32) -> KIND (Q8_0, Q4_0) with llama-cpp-python's llama_model_quantize, in a worker process
+    (llama.cpp prints a line per tensor); None, or why it failed."""
     if source is None:
         return "no F32 GGUF to quantize from"
+    spec = {"kind": "quantize", "path": str(source), "out": str(out), "type": kind}
+    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
+    if done.returncode or not out.is_file():
+        return f"llama_model_quantize {source.name} -> {kind}: {done.stderr.strip().splitlines()[-1:]}"
+    return None
+
+
+def quantize_in_process(source: Path, out: Path, kind: str) -> None:
     import llama_cpp
 
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # its log callback prints llama.cpp's lines
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
     params.nthread = THREADS
     if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)):
-        return f"llama_model_quantize {source.name} -> {kind} returned an error"
-    return None
+        raise SystemExit(f"llama_model_quantize returned an error for {source} -> {kind}")
 
 
 def score_head(model: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -319,7 +326,7 @@ def llama_cpp_runner(gguf: Path, max_seqs: int, max_len: int, max_tokens: int,
         if llama_cpp.llama_decode(ctx, batch):
             raise RuntimeError(f"llama_decode failed at {rows}x{length}")
         hidden = np.ctypeslib.as_array(llama_cpp.llama_get_embeddings(ctx), (n, width))
-        return as_values(hidden.reshape(rows, length, width), head)
+        return as_values(hidden.reshape(rows, length, width), head)[..., None]  # [B, T, 1] like the graphs' logits
 
     return run
 
@@ -360,7 +367,10 @@ def make_runner(spec: dict, head) -> Runner:
 
 def worker(spec: dict) -> None:
     """One row in this process: print its median seconds per shape as JSON; with spec["samples"], also save
-    its values on them to spec["values_out"]."""
+    its values on them to spec["values_out"]. Kind "quantize" quantizes a GGUF instead."""
+    if spec["kind"] == "quantize":
+        quantize_in_process(Path(spec["path"]), Path(spec["out"]), spec["type"])
+        return
     head = score_head(Path(spec["model"])) if spec.get("model") else None
     run = make_runner(spec, head)
     shapes = [tuple(s) for s in spec["shapes"]]
