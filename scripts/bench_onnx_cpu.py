@@ -405,7 +405,8 @@ def measure(rows: dict[str, dict], shapes, reps: int, rounds: int, vocab: int,
 
 def print_table(times: dict[str, dict[tuple, list[float]]], shapes, reference: str,
                 values: dict[str, np.ndarray] | None = None) -> None:
-    """Ratio over REFERENCE (tokens/s) of the median round per shape; the SQNR column when VALUES are given."""
+    """Ratio over REFERENCE (tokens/s) of the median round per shape, with the rounds' tokens/s range; the SQNR
+    column when VALUES are given."""
     from vexport.parity import sqnr_db
 
     heads = [f"{b}x{t}" for b, t in shapes]
@@ -415,7 +416,8 @@ def print_table(times: dict[str, dict[tuple, list[float]]], shapes, reference: s
     for name, per in times.items():
         med = {s: statistics.median(per[s]) for s in shapes}
         ref = {s: statistics.median(times[reference][s]) for s in shapes}
-        cells = [f"{ref[s] / med[s]:.2f}x ({s[0] * s[1] / med[s]:,.0f} tok/s)" for s in shapes]
+        cells = [f"{ref[s] / med[s]:.2f}x ({s[0] * s[1] / med[s]:,.0f} tok/s; "
+                 f"{s[0] * s[1] / max(per[s]):,.0f}-{s[0] * s[1] / min(per[s]):,.0f})" for s in shapes]
         if values:
             cells.append(f"{sqnr_db(values[reference], values[name]):.1f} dB" if name in values else "n/a")
         print(f"| {name} | {' | '.join(cells)} |")
