@@ -20,7 +20,7 @@ pooling none: the hidden states after the final RMSNorm, no lm_head) and applies
 them in numpy; 8x256 is one ``llama_decode`` batch of 8 sequences of 256 tokens (sequence ids 0-7, ``n_ubatch``
 as large as the batch). llama-cpp-python builds llama.cpp from source (minutes); the converter is in its sdist:
 
-    pip install llama-cpp-python==0.3.36                    # compiles llama.cpp; CMAKE_ARGS="-DGGML_NATIVE=ON"
+    pip install llama-cpp-python==0.3.36 sentencepiece      # compiles llama.cpp; CMAKE_ARGS="-DGGML_NATIVE=ON"
     pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
     python scripts/bench_onnx_cpu.py --gguf-converter llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py
 
@@ -57,7 +57,8 @@ REFERENCE = "transformers fp32 eager"
 GGUF_TYPES = ("F32", "F16", "Q8_0", "Q4_0")  # F32 and F16 from the converter, the others quantized from F32
 HEAD_TO_HEAD = (("vexport optimized fp32", "llama.cpp F32", 1.3),  # (row, over row, the target)
                 ("vexport optimized int4, int8 activations", "llama.cpp Q4_0", 1.2))
-LLAMA_CPP_INSTALL = ("pip install llama-cpp-python==0.3.36 (compiles llama.cpp, minutes), and --gguf-converter "
+LLAMA_CPP_INSTALL = ("pip install llama-cpp-python==0.3.36 sentencepiece (compiles llama.cpp, minutes), and "
+                     "--gguf-converter "
                      "naming vendor/llama.cpp/convert_hf_to_gguf.py of its sdist (pip download --no-deps "
                      "--no-binary :all: llama-cpp-python==0.3.36)")
 Runner = Callable[[np.ndarray, np.ndarray], object]
