@@ -78,7 +78,7 @@ class QuantLinear(nn.Module):
         reason = int4_cpu.unsupported_reason(self.out_features, self.g_idx, self.scales.shape[0])
         if reason is None:
             codes, zeros = unpack_codes(self.qweight, self.qzeros)
-            weight = self.dequantized_weight(torch.float32) if dense else None
+            weight = dequantize_codes(codes, zeros, self.scales, self.g_idx, torch.float32) if dense else None
             self.cpu_int4 = int4_cpu.pack_for_cpu(codes, zeros, self.scales, self.g_idx, weight)
         return reason
 
@@ -113,6 +113,11 @@ def dequantize_packed(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Te
     ``scales[g_idx[i], o] * (q[i, o] - zero[g_idx[i], o])`` in float32, returned [O, I] in ``dtype``. The v1
     zero offset is added to the whole word; only bits 0..31 are read, so int64 sign bits never matter."""
     codes, zeros = unpack_codes(qweight, qzeros)
+    return dequantize_codes(codes, zeros, scales, g_idx, dtype)
+
+
+def dequantize_codes(codes: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor, dtype: torch.dtype) -> Tensor:
+    """``dequantize_packed`` from codes [I, O] and zero points [G, O] already unpacked (``unpack_codes``)."""
     groups = g_idx.long()
     weight = (codes - zeros[groups]).to(torch.float32) * scales[groups].to(torch.float32)
     return weight.T.to(dtype)
