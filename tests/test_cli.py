@@ -159,3 +159,56 @@ def test_newer_manifest_version_is_refused(exported, tmp_path):
     manifest["manifest_version"] = 99
     (folder / "manifest.json").write_text(json.dumps(manifest))
     assert_bad_input(run_cli("info", folder), "manifest_version 99", "upgrade")
+
+
+def test_export_flags_are_the_options_fields_with_their_defaults():
+    """`vexport export` makes its flags from the options classes: every field is one flag whose default is the
+    field's, so the CLI and `vexport.export(...)` cannot drift apart."""
+    from dataclasses import fields
+
+    import typer.main
+
+    from vexport.cli import app
+    from vexport.export.options import FORMATS, options_for
+
+    command = typer.main.get_command(app).commands["export"]
+    flags = {param.name: param for param in command.params}
+    cli_defaults = {}
+    for name, cls in FORMATS.items():
+        for f in fields(cls):
+            assert f.name in flags, f"{cls.__name__}.{f.name} has no flag"
+            cli_defaults[f.name] = flags[f.name].default
+        assert options_for(name, cli_defaults) == cls(), name
+    assert set(flags) - set(cli_defaults) == {"model", "output", "format", "force"}
+    assert flags["int8_activations"].opts == ["--int8-activations"]
+    assert flags["int8_activations"].secondary_opts == ["--float-activations"]
+    assert flags["allow_pickle"].opts == ["--allow-pickle"] and not flags["allow_pickle"].secondary_opts
+    assert flags["int4"].default is None and flags["int4"].secondary_opts == ["--no-int4"]
+    assert flags["min_shape"].show_default == "1,1" and flags["max_shape"].show_default == "16,2048"
+
+
+def test_a_flag_of_another_format_is_refused_by_name(tiny_model_dir, tmp_path):
+    out = tmp_path / "onnx"
+    result = run_cli("export", tiny_model_dir, "--format", "onnx", "--group-size", "32", "--output", out)
+    assert_bad_input(result, "--group-size is a gptq setting", "--format onnx")
+    assert_nothing_written(tmp_path, out)
+    from vexport.export.options import GPTQOptions, options_for
+
+    assert options_for("gptq", {"group_size": 32, "dtype": "float32", "min_shape": None}) == GPTQOptions(group_size=32)
+
+
+def test_tensorrt_shape_flags_parse_and_name_the_flag():
+    from vexport.errors import VexportError
+    from vexport.export.options import TensorRTOptions
+
+    profile = TensorRTOptions(min_shape="1,1", opt_shape="4,64", max_shape=(8, 128)).profile
+    assert (profile.min, profile.opt, profile.max) == ((1, 1), (4, 64), (8, 128))
+    with pytest.raises(VexportError, match="--opt-shape must be BATCH,SEQUENCE"):
+        TensorRTOptions(opt_shape="4x64")
+
+
+def test_bad_shape_flag_is_one_line(tiny_model_dir, tmp_path):
+    out = tmp_path / "engine"
+    result = run_cli("export", tiny_model_dir, "--format", "tensorrt", "--max-shape", "16", "--output", out)
+    assert_bad_input(result, "--max-shape")
+    assert_nothing_written(tmp_path, out)

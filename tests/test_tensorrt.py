@@ -182,7 +182,8 @@ def test_engine_mismatch_is_explained():
 
 
 def test_shape_flags_are_checked():
-    from vexport.export.tensorrt import ShapeProfile, parse_shape
+    from vexport.export.options import parse_shape
+    from vexport.export.tensorrt import ShapeProfile
 
     assert parse_shape("8,1024", "--opt-shape") == (8, 1024)
     with pytest.raises(VexportError, match="--opt-shape"):

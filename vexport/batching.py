@@ -8,13 +8,15 @@ one batch runs. The mask decides what is padding, never the pad id (``pad_id_of`
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar
-
-import torch
+from typing import TYPE_CHECKING, TypeVar
 
 from vexport.errors import InputError
 
+if TYPE_CHECKING:  # torch is imported where a batch is padded: the CLI reads the defaults here without it
+    import torch
+
 DEFAULT_BATCH_TOKENS = 8192  # padded tokens per batch (rows x longest) unless told otherwise
+CHECK_BATCH_TOKENS = 4096  # `vexport check`'s: it holds the reference's and the artifact's values of every batch
 MIN_LENGTH_RATIO = 0.75  # a batch holds rows at least 3/4 as long as its longest: padding under 25% ...
 MIN_BATCH_FRACTION = 1 / 16  # ... once it holds this much of the token budget (512 tokens of the default 8192)
 R = TypeVar("R")
@@ -68,6 +70,8 @@ def pad_id_of(model) -> int:
 
 def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids and attention_mask [B, T] (int64), padded on SIDE with PAD_ID."""
+    import torch
+
     if side not in ("left", "right"):
         raise InputError(f"padding side must be left or right, got {side!r}")
     width = max(len(s) for s in sequences)

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from vexport.batching import pad_batch, pad_id_of, plan_batches, run_in_order, unpad
+from vexport.batching import CHECK_BATCH_TOKENS, pad_batch, pad_id_of, plan_batches, run_in_order, unpad
 from vexport.errors import InputError, VexportError
 from vexport.evalset import (EncodedSample, builtin_prompt_groups, encode_groups, long_context_samples,
                              read_prompt_groups)
@@ -115,7 +115,7 @@ class _Run:
 
 
 def check(artifact: str | os.PathLike, reference: str | os.PathLike, *, prompts: str | os.PathLike | None = None,
-          thresholds: dict[str, float] | None = None, device: str | None = None, batch_tokens: int = 4096,
+          thresholds: dict[str, float] | None = None, device: str | None = None, batch_tokens: int = CHECK_BATCH_TOKENS,
           report: ReportPaths = None, record: bool = True, allow_pickle: bool = False, seed: int = 0,
           progress: bool = False, verify_hashes: bool = True) -> CheckOutcome:
     """Compare ARTIFACT against the REFERENCE model; write REPORT and the manifest's parity summary.
@@ -133,7 +133,7 @@ def check(artifact: str | os.PathLike, reference: str | os.PathLike, *, prompts:
 
 def check_many(artifacts: Sequence[str | os.PathLike], reference: str | os.PathLike, *,
                prompts: str | os.PathLike | None = None, thresholds: dict[str, float] | None = None,
-               device: str | None = None, batch_tokens: int = 4096, report: ReportPaths = None,
+               device: str | None = None, batch_tokens: int = CHECK_BATCH_TOKENS, report: ReportPaths = None,
                record: bool = True, allow_pickle: bool = False, seed: int = 0,
                progress: bool = False, verify_hashes: bool = True) -> ComparisonOutcome:
     """Compare every ARTIFACT with REFERENCE on the same batches; the reference is loaded and run once.

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
+import os
 import re
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 import typer.core
 from rich.console import Console
 from rich.table import Table
 
+from vexport.batching import CHECK_BATCH_TOKENS, DEFAULT_BATCH_TOKENS
 from vexport.errors import VexportError
 
 
@@ -110,61 +113,62 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what
         hf_logging.disable_progress_bar()
 
 
+_FORMAT_NAMES = {"onnx": "ONNX", "gptq": "GPTQ", "tensorrt": "TensorRT"}
+
+
+def _export_flags(fn):
+    """Give FN (which takes **settings) one option per field of the export options classes
+    (``vexport.export.options``): flag, type, default and help come from the field; a field two formats share
+    (allow_pickle) is one flag, its help naming both."""
+    from dataclasses import MISSING, fields
+
+    from vexport.export.options import FORMATS, flag_of
+
+    owners: dict[str, list[str]] = {}
+    for name, cls in FORMATS.items():
+        for f in fields(cls):
+            owners.setdefault(f.name, []).append(name)
+    params = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    for name, formats in owners.items():
+        f = next(f for f in fields(FORMATS[formats[0]]) if f.name == name)
+        meta, default = f.metadata, (None if f.default is MISSING else f.default)
+        kind = {os.PathLike: Path}.get(meta["cli_type"], meta["cli_type"]) or type(default)
+        if meta["choices"]:
+            kind = Literal[meta["choices"]]
+        shown = True
+        if isinstance(default, tuple):  # a (batch, sequence) shape: "B,T" on the command line, None: not given
+            kind, default, shown = str, None, ",".join(map(str, default))
+        option = typer.Option(flag_of(f), help=f"{', '.join(_FORMAT_NAMES[n] for n in formats)}: {meta['help']}",
+                              show_default=shown)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=Annotated[Optional[kind] if default is None else kind, option]))
+    fn.__signature__ = inspect.Signature(params)
+    return fn
+
+
 @app.command()
 @_command
+@_export_flags
 def export(
     model: Annotated[str, typer.Argument(help="Value model: a local folder or a hub id (or a GPTQ folder for onnx).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Artifact folder to write.")],
     format: Annotated[Format, typer.Option("--format", "-f")] = Format.onnx,
-    dtype: Annotated[Dtype, typer.Option("--dtype", help="ONNX: weight/activation dtype.")] = Dtype.float32,
-    optimize: Annotated[bool, typer.Option("--optimize/--no-optimize", help=(
-        "ONNX: ONNX Runtime's fused graph (default), or the plain opset-17 graph any runtime runs."))] = True,
-    int8_activations: Annotated[bool, typer.Option("--int8-activations/--float-activations", help=(
-        "ONNX from a GPTQ folder: int8 activations in MatMulNBits (default; faster on CPU, 0.2 dB of added "
-        "error on a trained 135M model) or float compute (the checkpoint's exact numerics)."))] = True,
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it is a vexport artifact or empty.")] = False,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle (.bin) weights.")] = False,
-    bits: Annotated[int, typer.Option("--bits", help="GPTQ: bits per weight (4).")] = 4,
-    group_size: Annotated[int, typer.Option("--group-size", help="GPTQ: group size, -1 per channel.")] = 128,
-    desc_act: Annotated[bool, typer.Option("--desc-act/--no-desc-act", help="GPTQ: act-order (g_idx).")] = True,
-    sym: Annotated[bool, typer.Option("--sym/--no-sym", help="GPTQ: symmetric grid.")] = True,
-    value_calibration: Annotated[bool, typer.Option("--value-calibration/--no-value-calibration",
-                                                    help="GPTQ: fit each Linear to the float model's outputs and refit the fp16 head.")] = True,
-    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="GPTQ: calibration JSONL.")] = None,
-    samples: Annotated[int, typer.Option("--samples", help="GPTQ: calibration windows.")] = 128,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="GPTQ: tokens per window.")] = 512,
-    device: Annotated[Optional[str], typer.Option("--device", help="GPTQ: cuda or cpu.")] = None,
-    min_shape: Annotated[str, typer.Option("--min-shape", help="TensorRT: smallest BATCH,SEQUENCE.")] = "1,1",
-    opt_shape: Annotated[str, typer.Option("--opt-shape", help="TensorRT: BATCH,SEQUENCE tuned for.")] = "8,1024",
-    max_shape: Annotated[str, typer.Option("--max-shape", help="TensorRT: largest BATCH,SEQUENCE.")] = "16,2048",
-    fp16: Annotated[bool, typer.Option("--fp16/--no-fp16", help="TensorRT: float16 activations.")] = True,
-    int4: Annotated[bool, typer.Option("--int4", help="TensorRT: int4 weights from a GPTQ folder.")] = False,
-    reference: Annotated[Optional[str], typer.Option("--reference", help="TensorRT: model for the ONNX check.")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="ONNX: refuse NaN or infinite weights (default: warn).")] = False,
+    **settings,
 ):
     """Export MODEL to an artifact folder (weights + config + tokenizer + manifest.json).
 
-    --format tensorrt takes a value model, a GPTQ folder (--int4) or a TensorRT-bound ONNX folder.
+    --format tensorrt takes a value model, a GPTQ folder or a TensorRT-bound ONNX folder. Flags name their formats.
     """
     from vexport.model import check_model_name
 
     check_model_name(model)  # a mistyped path fails before torch and transformers are imported
-    _check_device(device)
-    from vexport.export import GPTQOptions, OnnxOptions, TensorRTOptions, export as export_model
+    _check_device(settings["device"])
+    from vexport.export import export as export_model
+    from vexport.export.options import options_for
 
-    if format is Format.tensorrt:
-        from vexport.export.tensorrt import ShapeProfile, parse_shape
-
-        profile = ShapeProfile(parse_shape(min_shape, "--min-shape"), parse_shape(opt_shape, "--opt-shape"),
-                               parse_shape(max_shape, "--max-shape"))
-        options = TensorRTOptions(profile, fp16, int4=True if int4 else None, reference=reference)
-    elif format is Format.onnx:
-        options = OnnxOptions(dtype.value, optimize, int8_activations, allow_pickle, strict)
-    else:
-        options = GPTQOptions(bits, group_size, desc_act, sym, value_calibration, calibration, samples, seq_len,
-                              device=device, allow_pickle=allow_pickle)
-    path = export_model(model, output, format.value, options, force=force, progress=True)
-    out.print(f"wrote {path}")
+    options = options_for(format.value, settings)
+    out.print(f"wrote {export_model(model, output, format.value, options, force=force, progress=True)}")
 
 
 @app.command()
@@ -178,7 +182,7 @@ def check(
         "--report", help="Write a report: .json, .md or .html (repeat for several).")] = None,
     threshold: Annotated[Optional[list[str]], typer.Option("--threshold", help="Override, e.g. min_sqnr_db=50")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda if present)")] = None,
-    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Tokens per batch.")] = 4096,
+    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Tokens per batch.")] = CHECK_BATCH_TOKENS,
     seed: Annotated[int, typer.Option("--seed", help="Seeds torch and the plotted token sample.")] = 0,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Load pickle (.bin) reference weights.")] = False,
     verify_hashes: Annotated[bool, typer.Option("--verify-hashes/--no-verify-hashes",
@@ -347,7 +351,8 @@ def score(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the Parquet parts.")],
     per_token: Annotated[bool, typer.Option("--per-token", help="Also write every token's value.")] = False,
     max_length: Annotated[Optional[int], typer.Option("--max-length", help="Longer rows are rejected.")] = None,
-    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per batch.")] = 8192,
+    batch_tokens: Annotated[int, typer.Option(
+        "--batch-tokens", help="Padded tokens per batch.")] = DEFAULT_BATCH_TOKENS,
     engine: Annotated[str, typer.Option("--engine", help="local or ray.")] = "local",
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Join this Ray cluster.")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Ray actors (default: GPUs, else CPUs).")] = None,
@@ -388,7 +393,8 @@ def serve(
     port: Annotated[int, typer.Option("--port", help="TCP port (0: any free one).")] = 8000,
     api_key: Annotated[Optional[str], typer.Option("--api-key", help="Require 'Authorization: Bearer KEY' "
                                                    "(default: env VEXPORT_API_KEY).")] = None,
-    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per model batch.")] = 8192,
+    batch_tokens: Annotated[int, typer.Option(
+        "--batch-tokens", help="Padded tokens per model batch.")] = DEFAULT_BATCH_TOKENS,
     max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", help="Longest a request waits for a batch.")] = 5.0,
     max_queue_tokens: Annotated[Optional[int], typer.Option("--max-queue-tokens", help="Queued tokens before 429 "
                                                             "(default: 32 batches).")] = None,

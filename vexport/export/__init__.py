@@ -43,10 +43,9 @@ def export(model: str | os.PathLike, output: str | os.PathLike, format: str | No
                            calibration=options.calibration, samples=options.samples, seq_len=options.seq_len,
                            seed=options.seed, device=options.device, force=force, allow_pickle=options.allow_pickle,
                            progress=progress)
-    from vexport.export.tensorrt import ShapeProfile
     from vexport.export.tensorrt_chain import build_engine
 
-    return build_engine(model, output, profile=options.profile or ShapeProfile(), fp16=options.fp16,
+    return build_engine(model, output, profile=options.profile, fp16=options.fp16,
                         int4=options.int4, reference=options.reference, force=force, progress=progress)
 
 

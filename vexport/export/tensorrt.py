@@ -54,15 +54,6 @@ class ShapeProfile:
             raise VexportError(f"--max-shape sequence {self.max[1]} exceeds max_position_embeddings {max_positions}")
 
 
-def parse_shape(text: str, flag: str) -> tuple[int, int]:
-    """'B,T' -> (B, T)."""
-    try:
-        batch, seq = (int(part) for part in text.split(","))
-    except ValueError:
-        raise VexportError(f"{flag} must be BATCH,SEQUENCE (two integers), got {text!r}") from None
-    return batch, seq
-
-
 def write_engine(onnx_dir: Path, folder: Path, profile: ShapeProfile, parity: dict[str, Any],
                  timing_cache: bytes = b"") -> None:
     """Build the engine of the TensorRT-bound ONNX in ONNX_DIR into FOLDER (engine, timing cache, layer list,

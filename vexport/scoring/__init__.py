@@ -12,6 +12,7 @@ import logging
 import time
 from pathlib import Path
 
+from vexport.batching import DEFAULT_BATCH_TOKENS
 from vexport.errors import InputError, MissingDependencyError, VexportError
 from vexport.paths import refuse_overlap
 from vexport.scoring.sink import read_errors, read_scores
@@ -25,7 +26,7 @@ RAY_INSTALL = "pip install 'vexport[ray]'"
 
 
 def score(model: str | Path, input: str | Path, output: str | Path, *, per_token: bool = False,
-          max_length: int | None = None, batch_tokens: int = 8192, engine: str = "local",
+          max_length: int | None = None, batch_tokens: int = DEFAULT_BATCH_TOKENS, engine: str = "local",
           ray_address: str | None = None, workers: int | None = None, resume: bool = False, strict: bool = False,
           force: bool = False, append_eos: bool = False, part_rows: int = 1024, threads: int | None = None,
           device: str | None = None, padding_side: str = "right", fixed_batch_rows: int | None = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 
+from vexport.batching import DEFAULT_BATCH_TOKENS
 from vexport.errors import VexportError
 
 ENGINES = ("local", "ray")
@@ -16,7 +17,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    batch_tokens: int = 8192
+    batch_tokens: int = DEFAULT_BATCH_TOKENS
     max_wait_ms: float = 5.0
     max_queue_tokens: int | None = None  # default: 32 batches' worth
     max_length: int | None = None  # default: the model's max_position_embeddings
