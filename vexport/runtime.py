@@ -70,8 +70,8 @@ class ValueModel:
         if self._wants_cache(kwargs):
             return self._call_with_cache(input_ids, attention_mask, kwargs)
         ids, mask = self._inputs(input_ids, attention_mask)
-        dtype = getattr(self.runner, "dtype", torch.float32)  # the torch runners' logits are in the model dtype
-        logits = self._run_rows(ids, mask, lambda i, m: self.runner.logits(i, m).to(self.device), (1,), dtype)
+        logits = self._run_rows(ids, mask, lambda i, m: self.runner.logits(i, m).to(self.device), (1,),
+                                self.runner.logits_dtype)
         return TokenClassifierOutput(logits=logits)
 
     forward = __call__

@@ -1,6 +1,6 @@
 """What every backend is: a ``Runner``; what the torch backends add: ``IncrementalRunner`` (KV-cached use).
 
-A runner has a ``name``, a ``device`` and two calls: ``logits(input_ids, attention_mask) -> [B, T, 1]`` and
+A runner has a ``name``, a ``device``, the dtype of its logits (``logits_dtype``) and two calls: ``logits(input_ids, attention_mask) -> [B, T, 1]`` and
 ``values(input_ids, attention_mask, index=None) -> float32 [B, T]`` (or ``[K]`` at the flat ``b * T + t``
 positions ``index``). ONNX Runtime and TensorRT implement ``logits`` and inherit ``values``.
 
@@ -30,6 +30,11 @@ class Runner(ABC):
     name: ClassVar[str]
     incremental: ClassVar[bool] = False  # True: this runner is an IncrementalRunner (sessions, KV caches)
     device: torch.device
+
+    @property
+    def logits_dtype(self) -> torch.dtype:
+        """The dtype ``logits`` returns (float32 here: ONNX Runtime's and TensorRT's graphs end in float32)."""
+        return torch.float32
 
     @abstractmethod
     def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -102,6 +107,10 @@ class ModuleRunner(IncrementalRunner):
     @property
     def dtype(self) -> torch.dtype:
         return module_dtype(self.module)
+
+    @property
+    def logits_dtype(self) -> torch.dtype:  # the module's logits are in its activation dtype
+        return self.dtype
 
     @property
     def config(self):
