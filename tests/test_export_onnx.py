@@ -90,3 +90,19 @@ def test_failed_export_leaves_nothing(model_dir, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         export_onnx(model_dir, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("optimize", [True, False], ids=["fused", "plain"])
+def test_pickle_weights_export_with_their_score_bias(tiny_model_dir, tmp_path, optimize):
+    """An --allow-pickle export reads the weights through transformers' module: the graph must keep the
+    checkpoint's score bias (it has no safetensors header to say there is one), so values equal transformers'."""
+    from tests.helpers import make_pickle_only
+
+    folder = make_pickle_only(tiny_model_dir, tmp_path / "pickle")
+    bias = float(torch.load(folder / "pytorch_model.bin")["score.bias"][0])
+    assert abs(bias) > 0.05  # a bias that dropping would show
+    out = export_onnx(folder, tmp_path / "onnx", optimize=optimize, allow_pickle=True)
+    ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    reference = load(folder, device="cpu", allow_pickle=True).values(ids)
+    exported = load(out, device="cpu").values(ids)
+    torch.testing.assert_close(exported, reference, atol=1e-4, rtol=1e-4)

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # fullmatch: "org/name\n" is not one
 _SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                        "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
@@ -42,7 +42,9 @@ class ModelSource:
 
     @property
     def score_has_bias(self) -> bool:
-        return "score.bias" in self.tensors
+        """Pickle weights are read through transformers' module, whose score Linear always has a bias (the
+        file's, or zeros when it has none); a safetensors checkpoint has one when its shards hold it."""
+        return self.pickle or "score.bias" in self.tensors
 
     def read_tensor(self, name: str):
         """Read one tensor from its safetensors shard (the shard is mapped only while reading)."""
@@ -100,7 +102,7 @@ def _refuse_unless_hub_id(text: str) -> None:
 
 
 def looks_like_hub_id(text: str) -> bool:
-    return bool(_HUB_ID.match(text)) and not text.startswith((".", "/", "~")) and ".." not in text \
+    return bool(_HUB_ID.fullmatch(text)) and not text.startswith((".", "/", "~")) and ".." not in text \
         and "\\" not in text
 
 
@@ -144,8 +146,8 @@ def load_config(path: Path):
         raise VexportError(f"{path} has no config.json: not a Hugging Face model folder")
     try:
         json.loads(config_file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptFileError(f"{config_file} is not valid JSON ({' '.join(str(exc).split())})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: also a 5000-digit integer
+        raise CorruptFileError(f"{config_file} is not valid JSON ({' '.join(str(exc).split())[:200]})") from None
     from transformers import AutoConfig
 
     try:
@@ -245,8 +247,7 @@ def _files_from_index(index: Path) -> list[Path]:
         names = sorted(set(weight_map.values()))
         if not all(isinstance(name, str) for name in names):
             raise TypeError("a weight_map value is not a string")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError,
-            AttributeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as exc:
         raise CorruptFileError(f"{index} is not a valid safetensors index ({type(exc).__name__})") from None
     files = []
     for name in names:
@@ -287,7 +288,7 @@ def read_safetensors_header(file: Path) -> dict[str, tuple[str, list[int]]]:
             raise CorruptFileError(f"{file} is truncated or not a safetensors file (header of {length} bytes)")
         try:
             header = json.loads(fh.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: bad JSON, or a 5000-digit integer
             raise CorruptFileError(f"{file} is corrupt: its safetensors header is not valid JSON") from None
     return _check_header(file, header, size - 8 - length)
 
