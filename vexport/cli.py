@@ -261,18 +261,19 @@ def _parity_line(parity: dict | None) -> str:
     return f"{verdict}: {figures}"
 
 
-def _overrides(items: list[str] | None) -> dict[str, float] | None:
+def _overrides(items: list[str] | None) -> dict[str, float | None] | None:
+    """--threshold KEY=NUMBER, or KEY=none: that metric is not checked (where the key allows it)."""
     if not items:
         return None
     overrides = {}
     for item in items:
         key, sep, value = item.partition("=")
         try:
-            overrides[key.strip()] = float(value)
+            overrides[key.strip()] = None if value.strip().lower() == "none" else float(value)
         except ValueError:
             sep = ""
         if not sep:
-            raise VexportError(f"--threshold {item!r} is not KEY=NUMBER (e.g. min_sqnr_db=50)")
+            raise VexportError(f"--threshold {item!r} is not KEY=NUMBER or KEY=none (e.g. min_sqnr_db=50)")
     return overrides
 
 

@@ -112,7 +112,7 @@ def repeat_command(artifacts: Sequence, reference: str, settings: dict[str, Any]
         words += ["--prompts", settings["evalset"]["name"]]
     words += ["--device", device.type, "--batch-tokens", str(settings["batch_tokens"]), "--seed", str(settings["seed"])]
     for key, value in settings["threshold_overrides"].items():
-        words += ["--threshold", f"{key}={value:g}"]
+        words += ["--threshold", f"{key}={'none' if value is None else format(value, 'g')}"]  # none: unchecked
     return shlex.join(words)
 
 
