@@ -61,3 +61,36 @@ def make_pickle_only(src: Path, dst: Path) -> Path:
     torch.save(state, dst / "pytorch_model.bin")
     (dst / "model.safetensors").unlink()
     return dst
+
+
+def make_mistral(folder: Path, tmp_path: Path, window: int | None) -> Path:
+    """FOLDER's tiny value model as Mistral (TMP_PATH/mistral, weights seed 3) with a sliding window (None:
+    none; transformers applies it) and FOLDER's tokenizer."""
+    from transformers import AutoConfig, MistralConfig, MistralForTokenClassification
+
+    from vexport.tiny import init_value_weights
+
+    llama = AutoConfig.from_pretrained(folder).to_dict()
+    for key in ("model_type", "architectures", "transformers_version"):
+        llama.pop(key, None)
+    config = MistralConfig(**llama, sliding_window=window)
+    config.architectures = ["MistralForTokenClassification"]
+    model = MistralForTokenClassification(config)
+    init_value_weights(model, seed=3)
+    out = tmp_path / "mistral"
+    model.save_pretrained(out)
+    for name in os.listdir(folder):
+        if name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copyfile(folder / name, out / name)
+    return out
+
+
+def hub_snapshot(tmp_path: Path) -> tuple[Path, Path]:
+    """A hub-cache layout: <repo>/snapshots/rev/config.json -> ../../blobs/abc. Returns (repo, snapshot)."""
+    repo = tmp_path / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "abc").write_text("{}")
+    snapshot = repo / "snapshots" / "rev"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").symlink_to("../../blobs/abc")
+    return repo, snapshot

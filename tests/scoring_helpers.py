@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -141,18 +142,24 @@ def kill_at_random_points(args: list, out: Path, kills: int, rng: random.Random,
 
     The first kill lands anywhere in the first 8 s (start-up, indexing, opening the output, scoring) when
     FIRST_ANYWHERE; the others at a random moment just after a new part (mid-window, -write, -rename, -append).
-    A run that finished before its kill is not counted.
+    A run that finishes before the first kill (a fast machine) is thrown away with its output and started
+    again with the window halved, so the kills always happen; one that finishes before a later kill ends it.
     """
-    parts_at_kill = []
-    for attempt in range(kills):
+    parts_at_kill, window = [], 8.0
+    while len(parts_at_kill) < kills:
         process, before = _start(args, log), _parts(out)
-        if attempt == 0 and first_anywhere:
-            _wait_while_running(process, rng.uniform(0.0, 8.0))
+        first = not parts_at_kill and first_anywhere
+        if first:
+            _wait_while_running(process, rng.uniform(0.0, window))
         else:
             _wait_while_running(process, 300, until=lambda: _parts(out) > before)
             _wait_while_running(process, rng.uniform(0.0, 0.3))
         if process.poll() is not None:
-            break
+            if not (first and process.returncode == 0 and window > 0.25):
+                break
+            shutil.rmtree(out)
+            window /= 2
+            continue
         parts_at_kill.append(_parts(out))
         os.kill(process.pid, signal.SIGKILL)
         process.wait()

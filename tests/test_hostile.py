@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from tests.helpers import copy_model, leftovers, make_pickle_only, run_cli
+from tests.helpers import copy_model, hub_snapshot, leftovers, make_pickle_only, run_cli
 from vexport.errors import ManifestError, VexportError
 from vexport.manifest import sha256_file
 
@@ -218,12 +218,7 @@ def test_inside_refuses_escapes(tmp_path, name):
 def test_inside_allows_hub_cache_blobs(tmp_path):
     from vexport.safety import inside
 
-    repo = tmp_path / "models--org--name"
-    (repo / "blobs").mkdir(parents=True)
-    (repo / "blobs" / "abc").write_text("{}")
-    snapshot = repo / "snapshots" / "rev"
-    snapshot.mkdir(parents=True)
-    (snapshot / "config.json").symlink_to("../../blobs/abc")
+    _, snapshot = hub_snapshot(tmp_path)
     assert inside(snapshot, "config.json") == snapshot / "config.json"
 
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.helpers import copy_model, edit_config, leftovers, make_pickle_only, run_cli
+from tests.helpers import copy_model, edit_config, leftovers, make_mistral, make_pickle_only, run_cli
 from vexport.errors import VexportError
 
 WEIGHTS = "model.safetensors"
@@ -202,28 +200,7 @@ def test_unknown_rope_type_is_one_line_naming_it(tiny_model_dir, tmp_path):
 @pytest.fixture(scope="module")
 def mistral_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A tiny Mistral value model with a sliding window of 200 (longer than every built-in sample)."""
-    return _mistral(tiny_model_dir, tmp_path_factory.mktemp("mistral"), window=200)
-
-
-def _mistral(folder: Path, tmp_path: Path, window: int | None) -> Path:
-    """FOLDER's tiny value model as Mistral with a sliding window (transformers applies the window)."""
-    from transformers import AutoConfig, MistralConfig, MistralForTokenClassification
-
-    from vexport.tiny import init_value_weights
-
-    llama = AutoConfig.from_pretrained(folder).to_dict()
-    for key in ("model_type", "architectures", "transformers_version"):
-        llama.pop(key, None)
-    config = MistralConfig(**llama, sliding_window=window)
-    config.architectures = ["MistralForTokenClassification"]
-    model = MistralForTokenClassification(config)
-    init_value_weights(model, seed=3)
-    out = tmp_path / "mistral"
-    model.save_pretrained(out)
-    for name in os.listdir(folder):
-        if name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copyfile(folder / name, out / name)
-    return out
+    return make_mistral(tiny_model_dir, tmp_path_factory.mktemp("mistral"), window=200)
 
 
 def _values_match_transformers(model_dir: Path, artifact: Path, length: int) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import hub_snapshot
 from vexport import safety
 from vexport.errors import ManifestError, VexportError
 from vexport.safety import (ContainmentError, check_entries, containment_root, inside, is_weight_file, sha256_file,
@@ -28,17 +29,6 @@ def folder(tmp_path) -> Path:
     (model / "sub" / "shard.safetensors").write_bytes(b"x")
     (tmp_path / "secret.txt").write_text("outside")
     return model
-
-
-def hub_snapshot(tmp_path: Path) -> tuple[Path, Path]:
-    """A hub-cache layout: <repo>/snapshots/rev/config.json -> ../../blobs/abc. Returns (repo, snapshot)."""
-    repo = tmp_path / "models--org--name"
-    (repo / "blobs").mkdir(parents=True)
-    (repo / "blobs" / "abc").write_text("{}")
-    snapshot = repo / "snapshots" / "rev"
-    snapshot.mkdir(parents=True)
-    (snapshot / "config.json").symlink_to("../../blobs/abc")
-    return repo, snapshot
 
 
 def test_containment_error_is_a_vexport_error():

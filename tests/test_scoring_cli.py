@@ -73,6 +73,26 @@ def test_engine_ray_without_ray_names_the_install_line(tiny_model_dir, data, tmp
 
 
 @pytest.mark.slow
+class LateRandom(random.Random):
+    """Random whose first kill moment is always the latest the window allows."""
+
+    def uniform(self, a, b):
+        return b
+
+
+def test_a_run_that_beats_the_first_kill_is_started_again_until_one_lands(tiny_model_dir, tmp_path):
+    """On a fast machine a small run ends before a kill 8 s in: the helper starts it again from nothing with a
+    shorter window, so the test always gets its kill (it once ended with none and failed its count)."""
+    rows = mixed_rows(30, seed=7, max_words=8, bad_every=10)
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    score(tiny_model_dir, data, tmp_path / "whole", part_rows=10)
+    args = ["score", tiny_model_dir, "--input", data, "--output", tmp_path / "out", "--part-rows", "10", "--resume"]
+    log = tmp_path / "log.txt"
+    parts_at_kill = kill_at_random_points(args, tmp_path / "out", kills=1, rng=LateRandom(0), log=log)
+    assert len(parts_at_kill) == 1, log.read_text()[-2000:]
+    assert_every_row_once(tmp_path / "out", tmp_path / "whole", rows)
+
+
 def test_sigkill_at_random_points_then_resume_gives_every_row_once(medium_model_dir, tmp_path):
     rows = mixed_rows(400, seed=6, max_words=20, bad_every=40)
     data = write_jsonl(tmp_path / "rows.jsonl", rows)

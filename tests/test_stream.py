@@ -9,7 +9,6 @@ import dataclasses
 import gc
 import inspect
 import math
-import os
 import re
 import shutil
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.helpers import make_mistral
 from vexport.errors import InputError
 from vexport.model import open_model
 from vexport.quant.gptq import TARGET_DAMP_PERCENT, GPTQQuantizer
@@ -194,22 +194,10 @@ def test_load_layer_with_layer_kwargs_runs_as_the_model_does(tiny_model_dir, tor
 
 
 def test_load_layer_builds_a_mistral_layer(tiny_model_dir, tmp_path):
-    from transformers import AutoConfig, MistralConfig, MistralForTokenClassification
+    from transformers import MistralForTokenClassification
     from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 
-    from vexport.tiny import init_value_weights
-
-    llama = AutoConfig.from_pretrained(tiny_model_dir).to_dict()
-    for key in ("model_type", "architectures", "transformers_version"):
-        llama.pop(key, None)
-    config = MistralConfig(**llama, sliding_window=None)
-    config.architectures = ["MistralForTokenClassification"]
-    model = MistralForTokenClassification(config)
-    init_value_weights(model, seed=3)
-    model.save_pretrained(tmp_path / "mistral")
-    for name in os.listdir(tiny_model_dir):
-        if name.startswith("tokenizer"):
-            shutil.copyfile(tiny_model_dir / name, tmp_path / "mistral" / name)
+    model = MistralForTokenClassification.from_pretrained(make_mistral(tiny_model_dir, tmp_path, window=None))
     layer = load_layer(open_model(tmp_path / "mistral"), 1, torch.device("cpu"), torch.float32)
     assert type(layer) is MistralDecoderLayer
     expected = model.model.layers[1].state_dict()
