@@ -190,7 +190,7 @@ def test_export_flags_are_the_options_fields_with_their_defaults():
 def test_a_flag_of_another_format_is_refused_by_name(tiny_model_dir, tmp_path):
     out = tmp_path / "onnx"
     result = run_cli("export", tiny_model_dir, "--format", "onnx", "--group-size", "32", "--output", out)
-    assert_bad_input(result, "--group-size is a gptq setting", "--format onnx")
+    assert_bad_input(result, "--group-size is a setting of --format gptq; --format onnx does not take it")
     assert_nothing_written(tmp_path, out)
     from vexport.export.options import GPTQOptions, options_for
 

@@ -136,6 +136,6 @@ def options_for(format: str, settings: dict[str, Any]) -> OnnxOptions | GPTQOpti
     for other, other_cls in FORMATS.items():
         for f in fields(other_cls):
             if f.name not in own and f.name in settings and settings[f.name] != f.default:
-                raise InputError(f"{flag_of(f).split('/')[0]} is a {other} setting: --format {format} does not "
-                                 f"take it")
+                raise InputError(f"{flag_of(f)} is a setting of --format {other}; --format {format} "
+                                 f"does not take it")
     return cls(**{name: settings[name] for name in own if name in settings})
