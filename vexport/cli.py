@@ -70,11 +70,6 @@ class Format(str, Enum):
     tensorrt = "tensorrt"
 
 
-class Dtype(str, Enum):
-    float32 = "float32"
-    float16 = "float16"
-
-
 def _command(fn):
     """Run FN; a VexportError becomes 'error: ...' on stderr and exit code 2."""
 
@@ -120,18 +115,17 @@ def _export_flags(fn):
     """Give FN (which takes **settings) one option per field of the export options classes
     (``vexport.export.options``): flag, type, default and help come from the field; a field two formats share
     (allow_pickle) is one flag, its help naming both."""
-    from dataclasses import MISSING, fields
+    from dataclasses import Field, fields
 
     from vexport.export.options import FORMATS, flag_of
 
-    owners: dict[str, list[str]] = {}
+    owners: dict[str, tuple[Field, list[str]]] = {}  # field name -> (the field, the formats that have it)
     for name, cls in FORMATS.items():
         for f in fields(cls):
-            owners.setdefault(f.name, []).append(name)
+            owners.setdefault(f.name, (f, []))[1].append(name)
     params = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]
-    for name, formats in owners.items():
-        f = next(f for f in fields(FORMATS[formats[0]]) if f.name == name)
-        meta, default = f.metadata, (None if f.default is MISSING else f.default)
+    for name, (f, formats) in owners.items():
+        meta, default = f.metadata, f.default
         kind = {os.PathLike: Path}.get(meta["cli_type"], meta["cli_type"]) or type(default)
         if meta["choices"]:
             kind = Literal[meta["choices"]]

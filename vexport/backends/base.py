@@ -1,8 +1,9 @@
 """What every backend is: a ``Runner``; what the torch backends add: ``IncrementalRunner`` (KV-cached use).
 
-A runner has a ``name``, a ``device``, the dtype of its logits (``logits_dtype``) and two calls: ``logits(input_ids, attention_mask) -> [B, T, 1]`` and
-``values(input_ids, attention_mask, index=None) -> float32 [B, T]`` (or ``[K]`` at the flat ``b * T + t``
-positions ``index``). ONNX Runtime and TensorRT implement ``logits`` and inherit ``values``.
+A runner has a ``name``, a ``device``, the dtype of its logits (``logits_dtype``) and two calls:
+``logits(input_ids, attention_mask) -> [B, T, 1]`` and ``values(input_ids, attention_mask, index=None) ->
+float32 [B, T]`` (or ``[K]`` at the flat ``b * T + t`` positions ``index``). ONNX Runtime and TensorRT
+implement ``logits`` and inherit ``values``.
 
 Sessions, ``score_group``, ``past_key_values`` calls and the CUDA fast scorer need more than that: the
 backbone run with explicit position ids, with or without a KV cache. Runners that can do it subclass

@@ -95,10 +95,9 @@ class TensorRTOptions:
     reference: str | os.PathLike | None = setting(None, "model for the ONNX check (default: MODEL).", cli_type=str)
 
     def __post_init__(self):  # a shape given as text ("8,1024", as the flags take it) is parsed here
-        for name in ("min_shape", "opt_shape", "max_shape"):
-            value = getattr(self, name)
-            shape = parse_shape(value, "--" + name.replace("_", "-")) if isinstance(value, str) else tuple(value)
-            object.__setattr__(self, name, shape)
+        for f in (f for f in fields(self) if f.name.endswith("_shape")):
+            value = getattr(self, f.name)
+            object.__setattr__(self, f.name, parse_shape(value, flag_of(f)) if isinstance(value, str) else tuple(value))
 
     @property
     def profile(self) -> "ShapeProfile":
