@@ -1,10 +1,12 @@
-"""``x @ W^T`` with W held as GPTQ v1 int4 tensors, dequantized inside the matmul (Triton).
+"""``x @ W^T`` with W held as GPTQ v1 int4 (or int8) tensors, dequantized inside the matmul (Triton).
 
 Each program computes a [BLOCK_M, BLOCK_N] tile of the output. For every BLOCK_K slice of the input
-dimension it reads the int32 words of ``qweight`` [I/8, O], unpacks one nibble per input row, looks up the
-row's group through ``g_idx`` (so act-order needs nothing special), reads that group's scale and packed zero
-(v1: stored ``zero - 1``, restored by adding 0x11111111 to the whole word), dequantizes in float32, casts to
-x's dtype and accumulates ``tl.dot`` in float32. The plain torch reference is ``kernels/reference.py``.
+dimension it reads the int32 words of ``qweight`` [I/p, O] (p = 32 / BITS codes per word: 8 at 4 bits, 4 at
+8 bits), unpacks one code per input row, looks up the row's group through ``g_idx`` (so act-order needs
+nothing special), reads that group's scale and packed zero (v1: stored ``zero - 1``, restored by adding a 1 in
+every field, 0x11111111 at 4 bits or 0x01010101 at 8, to the whole word), dequantizes in float32, casts to
+x's dtype and accumulates ``tl.dot`` in float32. ``BITS`` is a compile-time constant: a mixed checkpoint's 4-
+and 8-bit Linears run two specializations of the one kernel. The plain torch reference is ``kernels/reference.py``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ from vexport.errors import InputError, MissingDependencyError
 
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-V1_ZERO_OFFSET = 0x11111111
+_BITS = (4, 8)
+
+
+def _v1_zero_offset(bits: int) -> int:
+    return sum(1 << (bits * j) for j in range(32 // bits))
 
 
 @triton.jit
@@ -36,12 +42,15 @@ def _int4_matmul_kernel(
     M, N, K,
     stride_xm, stride_xk,
     HAS_BIAS: tl.constexpr, X_FP32: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
+    PER_WORD: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, offs_n < N
-    zero_shift = ((offs_n % 8) * 4).to(tl.int64)[None, :]
+    zero_shift = ((offs_n % PER_WORD) * BITS).to(tl.int64)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -49,13 +58,14 @@ def _int4_matmul_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # fmt: skip
         mask_kn = mask_k[:, None] & mask_n[None, :]
-        words = tl.load(qweight_ptr + (offs_k // 8)[:, None] * N + offs_n[None, :], mask=mask_kn, other=0)
-        q = (words >> ((offs_k % 8) * 4)[:, None]) & 0xF
+        words = tl.load(qweight_ptr + (offs_k // PER_WORD)[:, None] * N + offs_n[None, :], mask=mask_kn, other=0)
+        q = (words >> ((offs_k % PER_WORD) * BITS)[:, None]) & MASK
         group = tl.load(g_idx_ptr + offs_k, mask=mask_k, other=0)
         scale = tl.load(scales_ptr + group[:, None] * N + offs_n[None, :], mask=mask_kn, other=0.0)
-        zero_words = tl.load(qzeros_ptr + group[:, None] * (N // 8) + (offs_n // 8)[None, :], mask=mask_kn, other=0)
-        zero_words = zero_words.to(tl.int64) + V1_ZERO_OFFSET  # whole-word add; bits above 31 never read
-        zero = ((zero_words >> zero_shift) & 0xF).to(tl.int32)
+        zero_words = tl.load(qzeros_ptr + group[:, None] * (N // PER_WORD) + (offs_n // PER_WORD)[None, :],
+                             mask=mask_kn, other=0)
+        zero_words = zero_words.to(tl.int64) + ZERO_OFFSET  # whole-word add; bits above 31 never read
+        zero = ((zero_words >> zero_shift) & MASK).to(tl.int32)
         w = (q - zero).to(tl.float32) * scale.to(tl.float32)
         if EMULATE_BF16:  # bf16 x bf16 products are exact in fp32: the same sums as a bf16 dot
             acc = tl.dot(x.to(tl.float32), _round_to_bf16(w), acc, input_precision="ieee")
@@ -78,11 +88,15 @@ def int4_matmul(
     scales: Tensor,
     g_idx: Tensor,
     bias: Tensor | None = None,
+    *,
+    bits: int = 4,
 ) -> Tensor:
-    """``x`` [M, I] (fp16/bf16/fp32, any strides) times the GPTQ v1 int4 weight [O, I], transposed,
-    plus ``bias`` [O]: returns [M, O] in x's dtype. ``g_idx`` values are trusted (not range-checked here;
-    ``vexport.quant.pack.unpack_gptq_v1`` checks them)."""
-    _check_inputs(x, qweight, qzeros, scales, g_idx, bias)
+    """``x`` [M, I] (fp16/bf16/fp32, any strides) times the GPTQ v1 ``bits``-bit weight [O, I] (4 or 8),
+    transposed, plus ``bias`` [O]: returns [M, O] in x's dtype. ``g_idx`` values are trusted (not range-checked
+    here; ``vexport.quant.pack.unpack_gptq_v1`` checks them)."""
+    if bits not in _BITS:
+        raise InputError(f"int4_matmul: bits must be 4 or 8, got {bits!r}")
+    _check_inputs(x, qweight, qzeros, scales, g_idx, bias, 32 // bits)
     if not x.is_cuda and isinstance(_int4_matmul_kernel, JITFunction):
         raise MissingDependencyError("int4_matmul: CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
     m, k = x.shape
@@ -97,7 +111,7 @@ def int4_matmul(
         bias.contiguous() if bias is not None else out, out,
         m, n, k, x.stride(0), x.stride(1),
         HAS_BIAS=bias is not None, X_FP32=x.dtype == torch.float32, EMULATE_BF16=_emulate_bf16(x),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BITS=bits, ZERO_OFFSET=_v1_zero_offset(bits), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )  # fmt: skip
     return out
 
@@ -117,20 +131,21 @@ def _block_sizes(m: int, on_gpu: bool) -> tuple[int, int, int]:
 
 
 def _check_inputs(
-    x: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bias: Tensor | None
+    x: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bias: Tensor | None, per_word: int
 ) -> None:
     if x.dim() != 2 or x.dtype not in _X_DTYPES:
         raise InputError(f"int4_matmul: x must be 2-D float16/bfloat16/float32, got {x.dtype} {tuple(x.shape)}")
     for name, t in (("qweight", qweight), ("qzeros", qzeros), ("g_idx", g_idx)):
         if t.dtype != torch.int32:
             raise InputError(f"int4_matmul: {name} must be int32, got {t.dtype}")
-    if qweight.dim() != 2 or x.shape[1] != qweight.shape[0] * 8:
-        raise InputError(f"int4_matmul: x {tuple(x.shape)} does not match qweight [I/8, O] {tuple(qweight.shape)}")
+    if qweight.dim() != 2 or x.shape[1] != qweight.shape[0] * per_word:
+        raise InputError(f"int4_matmul: x {tuple(x.shape)} does not match qweight [I/{per_word}, O] "
+                         f"{tuple(qweight.shape)}")
     n = qweight.shape[1]
-    if n % 8 or scales.dim() != 2 or scales.shape[1] != n or scales.dtype not in _SCALE_DTYPES:
-        raise InputError(f"int4_matmul: scales must be float [G, {n}] with {n} divisible by 8")
-    if tuple(qzeros.shape) != (scales.shape[0], n // 8) or tuple(g_idx.shape) != (x.shape[1],):
-        raise InputError(f"int4_matmul: qzeros must be [G, {n // 8}] and g_idx [{x.shape[1]}]")
+    if n % per_word or scales.dim() != 2 or scales.shape[1] != n or scales.dtype not in _SCALE_DTYPES:
+        raise InputError(f"int4_matmul: scales must be float [G, {n}] with {n} divisible by {per_word}")
+    if tuple(qzeros.shape) != (scales.shape[0], n // per_word) or tuple(g_idx.shape) != (x.shape[1],):
+        raise InputError(f"int4_matmul: qzeros must be [G, {n // per_word}] and g_idx [{x.shape[1]}]")
     if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_floating_point()):
         raise InputError(f"int4_matmul: bias must be a float tensor [{n}]")
     tensors = [x, qweight, qzeros, scales, g_idx] + ([bias] if bias is not None else [])

@@ -130,11 +130,11 @@ def test_dimensions_not_divisible_by_8_raise_input_error(out_f: int, in_f: int) 
         pack_gptq_v1(quantize_rtn(torch.randn(out_f, in_f), group_size=-1))
 
 
-def test_bits_other_than_4_raise_input_error() -> None:
-    with pytest.raises(InputError, match="only 4 bits"):
+def test_bits_other_than_4_or_8_raise_input_error() -> None:
+    with pytest.raises(InputError, match="4 or 8 bits, got 3"):
         pack_gptq_v1(quantize_rtn(torch.randn(8, 16), bits=3, group_size=-1))
     tensors = pack_gptq_v1(quantize_rtn(torch.randn(8, 16), group_size=-1))
-    with pytest.raises(InputError, match="only 4 bits"):
+    with pytest.raises(InputError, match="shapes disagree at 8 bits"):
         unpack_gptq_v1(tensors, bits=8)
 
 

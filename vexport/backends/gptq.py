@@ -3,19 +3,21 @@
 The model is built on the meta device from config.json, so no float copy of the whole model is ever made;
 every tensor is then read from its shard and assigned in place (float tensors in the runtime dtype: float16
 on CUDA, float32 on CPU). Each decoder Linear is a ``QuantLinear`` holding ``qweight``, ``qzeros``,
-``scales`` and ``g_idx`` as stored.
+``scales`` and ``g_idx`` as stored, at the bits its checkpoint gives it: a mixed checkpoint's
+``quantization_config.dynamic`` (quant/dynamic.py) sets bits per module (4 or 8), and a Linear it skips stays a
+plain ``nn.Linear`` with the checkpoint's float16 ``.weight``.
 
 ``QuantLinear.forward`` has three paths:
 - on CPU, PyTorch's packed int4 matmul (``vexport.backends.int4_cpu``: bfloat16 compute, the weights repacked
-  once at load by ``pack_for_cpu``), for every Linear whose shapes and groups the op takes; the others keep
-  the dequantized path, with the reason logged.
+  once at load by ``pack_for_cpu``), for every 4-bit Linear whose shapes and groups the op takes; the others
+  (8-bit ones included) keep the dequantized path, with the reason logged.
 - dequantize (``dequantize_packed``: the same numbers as ``vexport.quant.pack.dequantize_gptq_v1``, the
   plain reference of the format, without its checks and int64 temporaries), then one matmul in the
   activation dtype. The plain reference of the two fast paths; used on CPU where the packed op cannot
   run, and on CUDA above ``TRITON_MAX_TOKENS`` rows, where one cuBLAS GEMM
   on the dequantized weight beats the fused kernel (the dequantization is amortised over many rows).
-- the fused Triton dequant-matmul (``vexport.kernels.int4_matmul``) on CUDA for up to ``TRITON_MAX_TOKENS``
-  rows (decoding, short prompts), where reading 4-bit weights is what bounds the time.
+- the fused Triton dequant-matmul (``vexport.kernels.int4_matmul``, 4 or 8 bits) on CUDA for up to
+  ``TRITON_MAX_TOKENS`` rows (decoding, short prompts), where reading the packed weights is what bounds the time.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from torch import Tensor, nn
 from vexport.backends import int4_cpu
 from vexport.backends.base import ModuleRunner
 from vexport.errors import InputError, VexportError
-from vexport.quant.checkpoint import QUANTIZED_LINEARS, gptq_options
-from vexport.quant.pack import unpack_codes
+from vexport.quant.checkpoint import QUANTIZED_LINEARS, gptq_options, module_quant
+from vexport.quant.pack import bits_of, per_word, unpack_codes
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +44,16 @@ PREFILL_WEIGHTS = ("int4", "bfloat16")  # what CPU prefills multiply: the int4 o
 
 
 class QuantLinear(nn.Module):
-    """``y = x W^T + b`` with W held as GPTQ v1 int4 tensors (buffers, so ``.to(device)`` moves them)."""
+    """``y = x W^T + b`` with W held as GPTQ v1 4- or 8-bit tensors (buffers, so ``.to(device)`` moves them)."""
 
     def __init__(self, in_features: int, out_features: int, groups: int, bias: bool,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, bits: int = 4):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("qweight", torch.empty(in_features // 8, out_features, dtype=torch.int32, device=device))
-        self.register_buffer("qzeros", torch.empty(groups, out_features // 8, dtype=torch.int32, device=device))
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        width = per_word(bits)
+        self.register_buffer("qweight", torch.empty(in_features // width, out_features, dtype=torch.int32,
+                                                    device=device))
+        self.register_buffer("qzeros", torch.empty(groups, out_features // width, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.empty(groups, out_features, dtype=torch.float16, device=device))
         self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
@@ -57,10 +61,15 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_packed(cls, packed: dict[str, Tensor], bias: Tensor | None = None) -> "QuantLinear":
-        """A QuantLinear over the four GPTQ v1 tensors of one Linear (e.g. ``pack_gptq_v1``'s output)."""
-        in_features, out_features = packed["qweight"].shape[0] * 8, packed["qweight"].shape[1]
+        """A QuantLinear over the four GPTQ v1 tensors of one Linear (e.g. ``pack_gptq_v1``'s output); its bits
+        follow from qweight's rows per g_idx entry."""
+        in_features, out_features = packed["g_idx"].shape[0], packed["qweight"].shape[1]
+        bits = bits_of(packed["qweight"].shape[0], in_features)
+        if bits is None:
+            raise InputError(f"qweight {tuple(packed['qweight'].shape)} packs no supported width for "
+                             f"{in_features} inputs")
         dtype = bias.dtype if bias is not None else torch.float32
-        module = cls(in_features, out_features, packed["scales"].shape[0], bias is not None, dtype, "meta")
+        module = cls(in_features, out_features, packed["scales"].shape[0], bias is not None, dtype, "meta", bits)
         state = {**packed, **({"bias": bias} if bias is not None else {})}
         module.load_state_dict(state, strict=True, assign=True)
         return module
@@ -70,12 +79,12 @@ class QuantLinear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
         """The weight [O, I] in ``dtype`` (computed in float32, as the format defines it)."""
-        return dequantize_packed(self.qweight, self.qzeros, self.scales, self.g_idx, dtype)
+        return dequantize_packed(self.qweight, self.qzeros, self.scales, self.g_idx, dtype, self.bits)
 
     def pack_for_cpu(self, dense: bool = False) -> str | None:
         """Repack the weight for the CPU int4 op (kept beside the GPTQ tensors), with a bfloat16 copy for
         prefills when ``dense``; None, or why it cannot."""
-        reason = int4_cpu.unsupported_reason(self.out_features, self.g_idx, self.scales.shape[0])
+        reason = int4_cpu.unsupported_reason(self.out_features, self.g_idx, self.scales.shape[0], bits=self.bits)
         if reason is None:
             codes, zeros = unpack_codes(self.qweight, self.qzeros)
             weight = dequantize_codes(codes, zeros, self.scales, self.g_idx, torch.float32) if dense else None
@@ -94,12 +103,12 @@ class QuantLinear(nn.Module):
         from vexport.kernels.int4_matmul import int4_matmul
 
         flat = x.reshape(-1, self.in_features)
-        out = int4_matmul(flat, self.qweight, self.qzeros, self.scales, self.g_idx, self.bias)
+        out = int4_matmul(flat, self.qweight, self.qzeros, self.scales, self.g_idx, self.bias, bits=self.bits)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, groups={self.scales.shape[0]}, " \
-               f"bias={self.bias is not None}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, " \
+               f"groups={self.scales.shape[0]}, bias={self.bias is not None}"
 
 
 @functools.cache
@@ -108,11 +117,12 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def dequantize_packed(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, dtype: torch.dtype) -> Tensor:
+def dequantize_packed(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, dtype: torch.dtype,
+                      bits: int = 4) -> Tensor:
     """``dequantize_gptq_v1`` without its validation and int64 [O, I] temporaries (no host syncs on CUDA):
     ``scales[g_idx[i], o] * (q[i, o] - zero[g_idx[i], o])`` in float32, returned [O, I] in ``dtype``. The v1
     zero offset is added to the whole word; only bits 0..31 are read, so int64 sign bits never matter."""
-    codes, zeros = unpack_codes(qweight, qzeros)
+    codes, zeros = unpack_codes(qweight, qzeros, bits)
     return dequantize_codes(codes, zeros, scales, g_idx, dtype)
 
 
@@ -198,9 +208,13 @@ def build_quantized_module(source, device: torch.device, dtype: torch.dtype, pre
     config = source.config
     with torch.device("meta"):
         module = AutoModelForTokenClassification.from_config(config, dtype=dtype)
+    options = gptq_options(config, source.path / "config.json")
     for i, layer in enumerate(module.model.layers):
         for name in QUANTIZED_LINEARS:
-            _replace_linear(layer, name, source, f"model.layers.{i}.{name}", dtype)
+            prefix = f"model.layers.{i}.{name}"
+            quant = module_quant(options, prefix, str(source.path / "config.json"))
+            if quant is not None:  # else the float16 Linear, loaded from PREFIX.weight
+                _replace_linear(layer, name, source, prefix, dtype, quant.bits)
     state = {name: _read(source, name, device, dtype) for name in module.state_dict()}
     try:
         module.load_state_dict(state, strict=True, assign=True)
@@ -227,17 +241,19 @@ def _check_g_idx(module: nn.Module, path) -> None:
                                    f"outside [0, {layer.scales.shape[0]})")
 
 
-def _replace_linear(layer: nn.Module, name: str, source, prefix: str, dtype: torch.dtype) -> None:
+def _replace_linear(layer: nn.Module, name: str, source, prefix: str, dtype: torch.dtype, bits: int) -> None:
     parent_name, attr = name.split(".")
     parent = getattr(layer, parent_name)
     linear = getattr(parent, attr)
     if f"{prefix}.qweight" not in source.tensors:
-        raise VexportError(f"{source.path} has no {prefix}.qweight: not a GPTQ checkpoint of every decoder Linear")
+        raise VexportError(f"{source.path} has no {prefix}.qweight, which its quantization_config says is "
+                           f"quantized ({bits} bits)")
     scales = source.tensors.get(f"{prefix}.scales")
     if scales is None or len(scales[2]) != 2:
         raise VexportError(f"{source.path}: {prefix}.scales is missing or not 2-D [groups, out_features]")
     groups = scales[2][0]
-    quant = QuantLinear(linear.in_features, linear.out_features, groups, linear.bias is not None, dtype, "meta")
+    quant = QuantLinear(linear.in_features, linear.out_features, groups, linear.bias is not None, dtype, "meta",
+                        bits)
     setattr(parent, attr, quant)
 
 

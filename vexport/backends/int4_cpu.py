@@ -68,8 +68,10 @@ def dense_unavailable_reason() -> str | None:
 
 
 def unsupported_reason(out_features: int, g_idx: Tensor, groups: int,
-                       capability: str | None = None) -> str | None:
+                       capability: str | None = None, bits: int = 4) -> str | None:
     """None when the op can run this Linear exactly, else why not (one phrase, for the log)."""
+    if bits != 4:
+        return f"{bits}-bit weights: the op takes 4-bit codes only"
     if not op_available():
         return f"torch {torch.__version__} has no aten._weight_int4pack_mm_for_cpu"
     capability = capability or torch.backends.cpu.get_cpu_capability()

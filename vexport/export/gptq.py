@@ -1,4 +1,9 @@
-"""GPTQ int4 export: calibration → streaming GPTQ (float targets) → value-aware head → GPTQ v1 checkpoint."""
+"""GPTQ int4 export: calibration → streaming GPTQ (float targets) → value-aware head → GPTQ v1 checkpoint.
+
+``GPTQOptions.dynamic`` (a per-module plan, GPTQModel's ``dynamic``) is checked for every decoder Linear before
+any work, written into ``quantization_config`` and quantize_config.json as given, and the manifest records the
+allocation it resolves to (``format_options.allocation``: labels per module type and layer, average bits).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ from vexport.artifact import check_output, staging_dir
 from vexport.errors import VexportError
 from vexport.export.common import copy_support_files, value_io_spec, write_manifest
 from vexport.model import ModelSource, open_model
+from vexport.quant.dynamic import allocation, check_plan_entry, vllm_fusion_conflicts
+from vexport.quant.pack import per_word
 from vexport.quant.stream import GPTQOptions, quantize_stream
 from vexport.quant.value_aware import Head, choose_and_fit, rms_norm
 
@@ -33,10 +40,12 @@ def export_gptq(model: str | os.PathLike, output: str | os.PathLike, options: GP
     source = open_model(model, allow_pickle=allow_pickle)
     if source.pickle:
         raise VexportError(f"{source.path}: GPTQ export streams safetensors shards; convert the pickle weights first")
+    alloc = _allocation(source, options)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokens = calibration_samples(_tokenizer(source), path=calibration, samples=samples, seq_len=seq_len, seed=seed,
                                  max_length=source.config.max_position_embeddings)
-    qconfig = gptq_quantization_config(options.bits, options.group_size, options.desc_act, options.sym)
+    qconfig = gptq_quantization_config(options.bits, options.group_size, options.desc_act, options.sym,
+                                       options.dynamic)
     if value_calibration:  # each Linear fitted to the float model's outputs, then the head refit
         options = dataclasses.replace(options, float_targets=True)
     with staging_dir(output, force) as tmp:
@@ -51,7 +60,7 @@ def export_gptq(model: str | os.PathLike, output: str | os.PathLike, options: GP
         opts = {**qconfig, "weights": "model.safetensors.index.json", "damp_percent": options.damp_percent,
                 "calibration": {"source": str(calibration) if calibration else "builtin", "samples": samples,
                                 "seq_len": seq_len, "seed": seed, "digest": _digest(calibration)},
-                "value_calibration": {**fit, "float_targets": options.float_targets},
+                "value_calibration": {**fit, "float_targets": options.float_targets}, "allocation": alloc,
                 "seconds_per_layer": [round(s, 2) for s in stream.seconds_per_layer]}
         write_manifest(tmp, "gptq", "int4", source, value_io_spec(), opts, progress)
     return output
@@ -65,10 +74,33 @@ def _digest(calibration) -> str:
 
 
 def _check_options(options: GPTQOptions) -> None:
-    if options.bits != 4:
-        raise VexportError(f"--bits {options.bits} is not supported: GPTQ export writes 4-bit checkpoints")
+    if options.bits not in (4, 8):
+        raise VexportError(f"--bits {options.bits} is not supported: GPTQ export writes 4- or 8-bit checkpoints")
     if options.group_size != -1 and (options.group_size < 8 or options.group_size % 8):
         raise VexportError(f"--group-size {options.group_size} must be -1 (per channel) or a multiple of 8")
+
+
+def _allocation(source: ModelSource, options: GPTQOptions) -> dict:
+    """The settings every decoder Linear resolves to, checked before any work (a module the readers or the
+    packing cannot take is refused by name); a plan vLLM cannot serve (q/k/v or gate/up apart) is warned about."""
+    from vexport.quant.checkpoint import linear_prefixes
+
+    plan, shapes = {}, {}
+    for layer in range(source.config.num_hidden_layers):
+        for prefix in linear_prefixes(layer):
+            quant = plan[prefix] = options.module_quant(prefix)
+            out_f, in_f = shapes[prefix] = tuple(source.tensors[f"{prefix}.weight"][2])
+            if quant is None:
+                continue
+            check_plan_entry(quant, prefix, "--dynamic")
+            if in_f % per_word(quant.bits) or out_f % per_word(quant.bits):
+                raise VexportError(f"--dynamic: {prefix} [{out_f}, {in_f}] cannot be packed at {quant.bits} bits "
+                                   f"(both sizes must be multiples of {per_word(quant.bits)})")
+    conflicts = vllm_fusion_conflicts(plan)
+    if conflicts:
+        log.warning("--dynamic gives the Linears vLLM fuses different settings (%s%s): vLLM cannot load this "
+                    "checkpoint", conflicts[0], f" and {len(conflicts) - 1} more" if len(conflicts) > 1 else "")
+    return allocation(plan, shapes)
 
 
 def _tokenizer(source: ModelSource):

@@ -68,12 +68,17 @@ class GPTQOptions:
     device: str | None = setting(None, "where GPTQ runs: cuda or cpu (default: cuda when there is one).",
                                  cli_type=str)
     allow_pickle: bool = setting(False, "load pickle (.bin) weights.")
+    dynamic: Any = setting(None, "per-module plan: a JSON file of GPTQModel `dynamic` overrides ('+:REGEX': "
+                           "{bits, group_size}, '-:REGEX': {} left float16), matched on full module names.",
+                           cli_type=os.PathLike)
 
     def solver(self) -> "stream.GPTQOptions":
-        """The quantizer's own settings (``vexport.quant.stream.GPTQOptions``)."""
+        """The quantizer's own settings (``vexport.quant.stream.GPTQOptions``); ``dynamic`` read and checked."""
+        from vexport.quant.dynamic import load_dynamic
         from vexport.quant.stream import GPTQOptions as SolverOptions
 
-        return SolverOptions(bits=self.bits, group_size=self.group_size, sym=self.sym, desc_act=self.desc_act)
+        return SolverOptions(bits=self.bits, group_size=self.group_size, sym=self.sym, desc_act=self.desc_act,
+                             dynamic=load_dynamic(self.dynamic))
 
 
 Shape = "tuple[int, int] | str"  # (batch, sequence), or "BATCH,SEQUENCE" as the flags spell it (kept as a tuple)

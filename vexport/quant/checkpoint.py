@@ -3,6 +3,9 @@
 Per quantized Linear with checkpoint prefix P: ``P.qweight`` int32 [I/8, O], ``P.qzeros`` int32 [G, O/8],
 ``P.scales`` float16 [G, O], ``P.g_idx`` int32 [I] and ``P.bias`` float16 when the Linear has one (FORMATS.md).
 Every other tensor (embeddings, norms, ``score.weight``, ``score.bias``) is float16 under its usual name.
+A mixed checkpoint's ``quantization_config.dynamic`` (GPTQModel's per-module overrides, quant/dynamic.py)
+gives some Linears other bits or groups (then ``qweight`` is [I*bits/32, O]) or leaves them float16
+(``P.weight``); ``module_plan`` resolves it for every decoder Linear.
 
 ``ShardWriter`` writes each shard as soon as it is given, so a streaming quantizer holds one layer at a time.
 The round-to-nearest baseline that writes a whole folder without calibration is ``vexport.export.rtn``.
@@ -21,6 +24,7 @@ import torch
 from torch import Tensor
 
 from vexport.errors import VexportError
+from vexport.quant.dynamic import ModuleQuant, check_dynamic, check_plan_entry, resolve
 from vexport.quant.types import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -30,17 +34,22 @@ QUANTIZED_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
 GPTQ_FIELDS = ("quant_method", "bits", "group_size", "desc_act", "sym", "checkpoint_format")
 INDEX_NAME = "model.safetensors.index.json"
 QUANTIZE_CONFIG_NAME = "quantize_config.json"
-SUPPORTED_BITS = (4,)
+SUPPORTED_BITS = (4, 8)
 
 
-def gptq_quantization_config(bits: int, group_size: int, desc_act: bool, sym: bool) -> dict[str, Any]:
-    """The ``quantization_config`` of a GPTQ v1 checkpoint (FORMATS.md), also written as quantize_config.json."""
+def gptq_quantization_config(bits: int, group_size: int, desc_act: bool, sym: bool,
+                             dynamic: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """The ``quantization_config`` of a GPTQ v1 checkpoint (FORMATS.md), also written as quantize_config.json;
+    DYNAMIC (GPTQModel's per-module overrides) is written as given, in its order, when there is one."""
     if bits not in SUPPORTED_BITS:
-        raise VexportError(f"--bits {bits} is not supported for GPTQ checkpoints (only 4)")
+        raise VexportError(f"--bits {bits} is not supported for GPTQ checkpoints (4 or 8)")
     if not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
         raise VexportError(f"--group-size {group_size} must be -1 (one group) or a positive integer")
-    return {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": bool(desc_act),
-            "sym": bool(sym), "checkpoint_format": "gptq"}
+    config = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": bool(desc_act),
+              "sym": bool(sym), "checkpoint_format": "gptq"}
+    if dynamic:
+        config["dynamic"] = {key: dict(value) for key, value in dynamic.items()}
+    return config
 
 
 def quantization_config_of(config: Any) -> dict[str, Any] | None:
@@ -67,12 +76,34 @@ def gptq_options(config: Any, where: str | os.PathLike = "config.json") -> dict[
     if fmt != "gptq":
         raise VexportError(f"{where}: checkpoint_format {fmt!r} is not supported (only 'gptq', the v1 packing)")
     if qconfig.get("bits") not in SUPPORTED_BITS:
-        raise VexportError(f"{where}: quantization_config bits {qconfig.get('bits')!r} is not supported (only 4)")
+        raise VexportError(f"{where}: quantization_config bits {qconfig.get('bits')!r} is not supported (4 or 8)")
     group_size = qconfig.get("group_size", -1)
     if not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
         raise VexportError(f"{where}: quantization_config group_size {group_size!r} is not -1 or positive")
-    return {**qconfig, "checkpoint_format": fmt, "group_size": group_size,
+    dynamic = qconfig.get("dynamic")
+    dynamic = check_dynamic(dynamic, f"{where}: quantization_config") if dynamic is not None else None
+    return {**qconfig, "checkpoint_format": fmt, "group_size": group_size, "dynamic": dynamic or None,
             "desc_act": bool(qconfig.get("desc_act", False)), "sym": bool(qconfig.get("sym", True))}
+
+
+def base_quant(options: Mapping[str, Any]) -> ModuleQuant:
+    """The checkpoint-wide settings (what a module no dynamic key matches gets)."""
+    return ModuleQuant(options["bits"], options["group_size"], options["sym"], options["desc_act"])
+
+
+def module_quant(options: Mapping[str, Any], prefix: str, where: str = "config.json") -> ModuleQuant | None:
+    """The settings of the Linear PREFIX (full module name) under ``gptq_options``' OPTIONS: None when the
+    checkpoint leaves it float16 (a ``-:`` dynamic key), else its bits / group / sym / desc_act, checked."""
+    quant = resolve(options.get("dynamic"), prefix, base_quant(options))
+    if quant is not None:
+        check_plan_entry(quant, prefix, where)
+    return quant
+
+
+def module_plan(options: Mapping[str, Any], num_layers: int, where: str = "config.json"
+                ) -> dict[str, ModuleQuant | None]:
+    """``module_quant`` of every decoder Linear, by full module name, in layer then forward order."""
+    return {prefix: module_quant(options, prefix, where) for i in range(num_layers) for prefix in linear_prefixes(i)}
 
 
 class ShardWriter:

@@ -6,6 +6,10 @@ from the safetensors shards, each Linear is quantized by GPTQ on the inputs it s
 outputs of the already-quantized modules before them), the layer's packed tensors are written out, and the
 layer is freed. Embeddings, norms and the score head stay in float16.
 
+``GPTQOptions.dynamic`` (GPTQModel's per-module overrides, quant/dynamic.py) gives each Linear its own bits,
+group size, sym and act-order, or leaves it float16 (a ``-:`` key): such a Linear is rounded to float16 in the
+quantized stream (what the checkpoint holds) and written as ``.weight``; no Hessian is collected for it.
+
 With value-aware calibration a second stream runs the same layers unquantized, so the float reference's
 per-token values on the calibration text are known at the end (see quant/value_aware.py).
 """
@@ -16,13 +20,15 @@ import copy
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from vexport.errors import InputError
 from vexport.model import ModelSource
+from vexport.quant.dynamic import ModuleQuant, resolve
 from vexport.progress import progress_bar
 from vexport.quant.gptq import TARGET_DAMP_PERCENT, GPTQQuantizer
 from vexport.quant.pack import pack_gptq_v1
@@ -43,10 +49,18 @@ class GPTQOptions:
     block_size: int = 128
     float_targets: bool = False  # fit each Linear to the float model's outputs (the export's default)
     target_damp_percent: float = TARGET_DAMP_PERCENT
+    dynamic: dict[str, dict[str, Any]] | None = field(default=None, compare=False)  # per-module overrides
 
-    def solver_kwargs(self) -> dict:
-        return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym, "desc_act": self.desc_act,
-                "damp_percent": self.damp_percent, "block_size": self.block_size,
+    @property
+    def base(self) -> ModuleQuant:
+        return ModuleQuant(self.bits, self.group_size, self.sym, self.desc_act)
+
+    def module_quant(self, module: str) -> ModuleQuant | None:
+        """The settings of MODULE (full name) under ``dynamic``; None: left float16."""
+        return resolve(self.dynamic, module, self.base)
+
+    def solver_kwargs(self, quant: ModuleQuant | None = None) -> dict:
+        return {**asdict(quant or self.base), "damp_percent": self.damp_percent, "block_size": self.block_size,
                 "target_damp_percent": self.target_damp_percent}
 
 
@@ -98,13 +112,17 @@ def quantize_layer(layer: nn.Module, hidden: torch.Tensor, layer_kwargs: dict, o
     layer's output on those (``GPTQQuantizer.add_batch(x, target=...)``): the error the earlier quantized
     layers left in HIDDEN is corrected, not carried on.
     """
-    packed: dict[str, dict[str, torch.Tensor]] = {}
     index = getattr(getattr(layer, "self_attn", None), "layer_idx", "?")
-    quantizers = {name: GPTQQuantizer(layer.get_submodule(name).weight, f"model.layers.{index}.{name}.weight")
-                  for name in QUANTIZED}
+    plan = {name: options.module_quant(f"model.layers.{index}.{name}") for name in QUANTIZED}
     float_layer = copy.deepcopy(layer) if reference is not None else None
+    packed = _keep_float16(layer, [name for name, quant in plan.items() if quant is None])
+    quantizers = {name: GPTQQuantizer(layer.get_submodule(name).weight, f"model.layers.{index}.{name}.weight")
+                  for name, quant in plan.items() if quant is not None}
     # Pass 1..4: one sub-module group at a time, every calibration sample through the (partly quantized) layer.
-    for group in (QUANTIZED[:3], QUANTIZED[3:4], QUANTIZED[4:6], QUANTIZED[6:]):
+    for full_group in (QUANTIZED[:3], QUANTIZED[3:4], QUANTIZED[4:6], QUANTIZED[6:]):
+        group = [name for name in full_group if name in quantizers]
+        if not group:
+            continue
         targets: dict[str, torch.Tensor] = {}
         hooks = [layer.get_submodule(n).register_forward_pre_hook(_collector(quantizers[n], n, targets))
                  for n in group]
@@ -118,10 +136,22 @@ def quantize_layer(layer: nn.Module, hidden: torch.Tensor, layer_kwargs: dict, o
             hook.remove()
         for name in group:
             linear = layer.get_submodule(name)
-            qw = quantizers.pop(name).quantize(**options.solver_kwargs())
+            qw = quantizers.pop(name).quantize(**options.solver_kwargs(plan[name]))
             linear.weight.data = qw.dequantize(linear.weight.dtype)
             packed[name] = pack_gptq_v1(qw)
     return _run(layer, hidden, layer_kwargs, batch), packed
+
+
+def _keep_float16(layer: nn.Module, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The Linears NAMES left unquantized: their weight rounded to float16 in place (what the checkpoint
+    holds, so the layers after them see the same inputs as a reader), and returned as ``weight`` tensors."""
+    kept = {}
+    for name in names:
+        linear = layer.get_submodule(name)
+        half = linear.weight.detach().half()
+        linear.weight.data = half.to(linear.weight.dtype)
+        kept[name] = {"weight": half}
+    return kept
 
 
 class _Stop(Exception):
