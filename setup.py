@@ -1,9 +1,24 @@
-"""Package discovery (the metadata lives in pyproject.toml).
+"""Package discovery and one build step (the metadata lives in pyproject.toml).
 
 Every package under ``vexport/`` is found, not listed, so a new subpackage ships in the wheel without an edit
-here; ``kernels/`` sits at the top of the repository and installs as ``vexport.kernels``.
+here. The Triton kernels sit in the top-level ``kernels/`` folder, which is not a package (see
+``vexport/kernels/__init__.py``); ``build_py`` copies its modules into ``vexport/kernels`` of the build.
 """
 
-from setuptools import find_packages, setup
+from pathlib import Path
 
-setup(packages=[*find_packages(include=["vexport", "vexport.*"]), "vexport.kernels"])
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+KERNELS = Path(__file__).parent / "kernels"
+
+
+class BuildWithKernels(build_py):
+    def run(self):
+        super().run()
+        target = Path(self.build_lib, "vexport", "kernels")
+        for module in sorted(KERNELS.glob("*.py")):
+            self.copy_file(str(module), str(target / module.name))
+
+
+setup(packages=find_packages(include=["vexport", "vexport.*"]), cmdclass={"build_py": BuildWithKernels})

@@ -115,6 +115,24 @@ def _uses_ray(path: Path, seen: dict[Path, bool] = {}) -> bool:  # noqa: B006 - 
     return seen[path]
 
 
+# the libraries vexport leans on: CI installs the newest releases in range, so a break caused by a new upstream
+# release shows in the first lines of a log (transformers 5.25 brought Hugging Face's `kernels`, issue 27)
+_LEANED_ON = ("torch", "transformers", "tokenizers", "kernels", "onnx", "onnxruntime", "triton", "ray", "fastapi",
+              "uvicorn", "pyarrow")
+
+
+def pytest_report_header(config):
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return "installed: " + ", ".join(f"{name} {installed(name)}" for name in _LEANED_ON)
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     """--dist loadgroup, grouped by file: each test file is one unit of work (its module fixtures are built once),

@@ -26,11 +26,9 @@ pytestmark = pytest.mark.slow
 
 
 def source_packages() -> set[str]:
-    """Every folder with an __init__.py, named as it installs (kernels/ installs as vexport.kernels)."""
-    found = {"vexport." + ".".join(p.parent.relative_to(REPO / "vexport").parts) if p.parent != REPO / "vexport"
-             else "vexport" for p in (REPO / "vexport").rglob("__init__.py")}
-    found |= {".".join(("vexport", "kernels", *p.parent.relative_to(REPO / "kernels").parts))
-              for p in (REPO / "kernels").rglob("__init__.py")}
+    """Every folder under vexport/ with an __init__.py, named as it installs."""
+    found = {".".join(("vexport", *p.parent.relative_to(REPO / "vexport").parts))
+             for p in (REPO / "vexport").rglob("__init__.py")}
     return {name for name in found if "__pycache__" not in name}
 
 
@@ -52,6 +50,8 @@ def test_wheel_holds_every_subpackage_and_the_data_files(wheel):
     shipped = {os.path.dirname(n).replace("/", ".") for n in names if n.endswith("/__init__.py")}
     missing = source_packages() - shipped
     assert not missing, f"packages with an __init__.py that the wheel leaves out: {sorted(missing)}"
+    kernels = {Path(n).name for n in names if n.startswith("vexport/kernels/")}
+    assert {p.name for p in (REPO / "kernels").glob("*.py")} <= kernels, kernels  # copied in by setup.py
     data = {Path(n).name for n in names if n.startswith("vexport/data/")}
     assert {p.name for p in (REPO / "vexport" / "data").iterdir() if p.is_file()} <= data
     assert any(n.endswith("entry_points.txt") for n in names)

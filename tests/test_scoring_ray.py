@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from tests.helpers import REPO, run_cli
 from tests.scoring_helpers import (
     assert_every_row_once,
     bad_rows,
@@ -78,3 +79,18 @@ def test_more_workers_than_the_cluster_has_is_refused(tiny_model_dir, ray_addres
     data = write_jsonl(tmp_path / "rows.jsonl", KILL_ROWS[:5])
     with pytest.raises(VexportError, match="--workers 3 x 1 threads: the Ray cluster has 2 CPUs"):
         score(tiny_model_dir, data, tmp_path / "out", engine="ray", workers=3)
+
+
+def test_the_cli_started_from_the_checkout_root_scores_with_ray_workers(tiny_model_dir, ray_address, tmp_path):
+    """Ray puts the driver's working folder on its workers' sys.path: from the root, a worker must still import
+    transformers (the repository's kernels/ folder must not shadow Hugging Face's `kernels`, issue 27)."""
+    rows = KILL_ROWS[:12]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    score(tiny_model_dir, data, tmp_path / "local")
+    run = run_cli("score", tiny_model_dir, "--input", data, "--output", tmp_path / "ray", "--engine", "ray",
+                  "--ray-address", ray_address, "--workers", "2", cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    scored, expected = read_scores(tmp_path / "ray"), read_scores(tmp_path / "local")
+    assert scored["row"].to_pylist() == expected["row"].to_pylist()
+    np.testing.assert_allclose(scored["value"].to_numpy(), expected["value"].to_numpy(), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,71 @@
+"""The checkout root on sys.path never shadows an installed distribution (issue 27).
+
+`python -m pytest`, `python -c` and Ray workers started in the checkout put its root first on sys.path. A
+top-level regular package or module there whose import name an installed distribution owns is found instead
+of that distribution: the repository's old `kernels/__init__.py` hid Hugging Face's `kernels`, which
+transformers 5.25 imports with its modelling code, and every test that touched transformers failed.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+
+from tests.helpers import REPO
+
+
+def importable_at_root() -> dict[str, str]:
+    """Top-level names the root makes importable as a package or module, with the file that provides each."""
+    names = {}
+    for entry in REPO.iterdir():
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir() and (entry / "__init__.py").exists():
+            names[entry.name] = f"{entry.name}/__init__.py"
+        elif entry.is_file() and entry.suffix in (".py", ".so", ".pyd"):
+            names[entry.name.split(".")[0]] = entry.name
+    return names
+
+
+def test_no_top_level_package_or_module_has_the_import_name_of_an_installed_distribution():
+    owners = importlib.metadata.packages_distributions()
+    ours = {"vexport"}
+    clashes = {name: (where, owners[name]) for name, where in importable_at_root().items()
+               if name in owners and not set(owners[name]) <= ours}
+    assert not clashes, f"these would shadow installed distributions from the checkout root: {clashes}"
+
+
+def test_with_the_root_first_on_sys_path_every_installed_name_resolves_outside_the_checkout():
+    """A folder without __init__.py (kernels/) is a namespace portion: a regular package later on the path wins."""
+    owners = importlib.metadata.packages_distributions()
+    candidates = sorted({p.name.split(".")[0] for p in REPO.iterdir() if not p.name.startswith(".")} & set(owners)
+                        - {"vexport"})
+    probe = ("import importlib.util, json, sys; "
+             f"print(json.dumps({{n: getattr(importlib.util.find_spec(n), 'origin', None) for n in {candidates!r}}}))")
+    where = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True,
+                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    found = json.loads(where.stdout)
+    inside = {name: origin for name, origin in found.items() if origin is None or origin.startswith(str(REPO))}
+    assert not inside, f"found in the checkout instead of the installed distribution: {inside}"
+
+
+def test_transformers_modelling_code_and_a_value_model_load_from_the_checkout_root(tiny_model_dir):
+    """As `python -m pytest` and `python -c` have it: the root first on sys.path, transformers imported whole."""
+    script = (
+        "import sys, torch; assert sys.path[0] == '', sys.path[:2]\n"
+        "import transformers.models.llama.modeling_llama\n"
+        "import transformers.integrations.hub_kernels\n"
+        "import vexport, vexport.kernels.reference as ref\n"
+        f"model = vexport.load({str(tiny_model_dir)!r})\n"
+        "ids = torch.tensor([[1, 5, 9, 13]])\n"
+        "values = model.values(ids, torch.ones_like(ids))\n"
+        "assert values.shape == (1, 4) and torch.isfinite(values).all()\n"
+        "print(ref.__file__)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().startswith(str(REPO / "kernels")), run.stdout
