@@ -136,7 +136,7 @@ def open_model(model: str | os.PathLike, allow_pickle: bool = False) -> ModelSou
     if not is_pickle and "score.weight" not in tensors:
         raise NotAValueModelError(f"{path} has no score head (score.weight) in its weights: not a value model")
     if not is_pickle:  # names and shapes against config.json, from the headers (pickle: checked at load)
-        check_tensors(path, config, tensors, _gptq_group_size(config))
+        check_tensors(path, config, tensors, _gptq_group_size(config), _gptq_plan(config, path))
     return ModelSource(str(model), path, config, weight_files, tensors, is_pickle)
 
 
@@ -274,6 +274,22 @@ def _gptq_group_size(config) -> int | None:
         return None
     size = quantization_config_of(config).get("group_size", -1)
     return size if isinstance(size, int) and not isinstance(size, bool) and (size == -1 or size > 0) else 0
+
+
+def _gptq_plan(config, path: Path):
+    """A mixed GPTQ checkpoint's (bits, group size) per Linear, None for one left float16; None when the
+    checkpoint has no ``dynamic`` (its one group size applies). A bad ``dynamic`` is refused here, by name."""
+    from vexport.quant.checkpoint import gptq_options, module_quant, quantization_config_of
+
+    if _gptq_group_size(config) is None or not (quantization_config_of(config) or {}).get("dynamic"):
+        return None
+    options = gptq_options(config, path / "config.json")
+
+    def plan(prefix: str):
+        quant = module_quant(options, prefix, str(path / "config.json"))
+        return None if quant is None else (quant.bits, quant.group_size)
+
+    return plan
 
 
 def read_safetensors_header(file: Path) -> dict[str, tuple[str, list[int]]]:

@@ -6,13 +6,16 @@ shapes. Checking them from the headers, before any weight is read, turns what wo
 in by transformers (its "newly initialized" warning) into one line naming the tensor and the file.
 
 A GPTQ v1 checkpoint (``quantization_config.quant_method: gptq``) holds each decoder Linear as ``qweight`` int32
-[I/8, O], ``qzeros`` int32 [G, O/8], ``scales`` [G, O] and ``g_idx`` [I] instead of ``weight`` [O, I].
+[I/8, O], ``qzeros`` int32 [G, O/8], ``scales`` [G, O] and ``g_idx`` [I] instead of ``weight`` [O, I]; in a mixed
+one (``quantization_config.dynamic``) a ``gptq_plan`` gives each Linear its (bits, group size), 8 bits packing
+4 codes per word, or None for a Linear left float16 (``weight`` [O, I]).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ Shape = tuple[int, ...]
 TensorIndex = dict[str, tuple[Path, str, list[int]]]  # name -> (file, dtype, shape)
 OPTIONAL = ("score.bias",)  # transformers' score Linear has a bias; a checkpoint without one means zeros
 SHOWN_EXTRA = 3  # unused tensors named in the warning
+GPTQPlan = Callable[[str], "tuple[int, int] | None"]  # full Linear name -> (bits, group size), None: float16
 
 
 class WeightMismatchError(VexportError):
@@ -54,7 +58,7 @@ def linear_shapes(config: Any) -> dict[str, tuple[int, int, bool]]:
 
 
 def expected_tensors(config: Any, gptq_group_size: int | None = None,
-                     layers: int | None = None) -> dict[str, Shape | None]:
+                     layers: int | None = None, gptq_plan: GPTQPlan | None = None) -> dict[str, Shape | None]:
     """Every tensor name the model reads, in load order, with its shape (None: a shape the config does not fix).
 
     ``gptq_group_size`` (an int, -1 for one group) switches the decoder Linears to GPTQ v1 tensors; ``layers``
@@ -66,7 +70,9 @@ def expected_tensors(config: Any, gptq_group_size: int | None = None,
         out[f"{prefix}.input_layernorm.weight"] = (hidden,)
         out[f"{prefix}.post_attention_layernorm.weight"] = (hidden,)
         for name, (rows, cols, bias) in linear_shapes(config).items():
-            out.update(_linear(f"{prefix}.{name}", rows, cols, gptq_group_size))
+            spec = (4, gptq_group_size) if gptq_plan is None or gptq_group_size is None else \
+                gptq_plan(f"{prefix}.{name}")
+            out.update(_linear(f"{prefix}.{name}", rows, cols, *(spec or (None, None))))
             if bias:
                 out[f"{prefix}.{name}.bias"] = (rows,)
     out["model.norm.weight"] = (hidden,)
@@ -75,19 +81,21 @@ def expected_tensors(config: Any, gptq_group_size: int | None = None,
     return out
 
 
-def _linear(prefix: str, rows: int, cols: int, group_size: int | None) -> dict[str, Shape | None]:
+def _linear(prefix: str, rows: int, cols: int, bits: int | None, group_size: int | None) -> dict[str, Shape | None]:
     if group_size is None:
         return {f"{prefix}.weight": (rows, cols)}
     groups = 1 if group_size == -1 else max(1, math.ceil(cols / group_size)) if group_size > 0 else None
-    return {f"{prefix}.qweight": (cols // 8, rows), f"{prefix}.qzeros": (groups, rows // 8) if groups else None,
+    width = 32 // bits
+    return {f"{prefix}.qweight": (cols // width, rows), f"{prefix}.qzeros": (groups, rows // width) if groups else None,
             f"{prefix}.scales": (groups, rows) if groups else None, f"{prefix}.g_idx": (cols,)}
 
 
-def check_tensors(path: Path, config: Any, tensors: TensorIndex, gptq_group_size: int | None = None) -> None:
+def check_tensors(path: Path, config: Any, tensors: TensorIndex, gptq_group_size: int | None = None,
+                  gptq_plan: GPTQPlan | None = None) -> None:
     """Every tensor the config implies must be present with its shape; unused tensors are logged."""
     # a layer has at least 9 tensors: past len(tensors) layers one is surely missing (and num_hidden_layers
     # 2**31 lists no 2**31 layers)
-    expected = expected_tensors(config, gptq_group_size, min(config.num_hidden_layers, len(tensors) + 1))
+    expected = expected_tensors(config, gptq_group_size, min(config.num_hidden_layers, len(tensors) + 1), gptq_plan)
     missing = [name for name in expected if name not in tensors and name not in OPTIONAL]
     if missing:
         shape = expected[missing[0]]

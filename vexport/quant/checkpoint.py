@@ -160,8 +160,15 @@ def write_gptq_config(folder: str | os.PathLike, source_config: Any, qconfig: Ma
     folder = Path(folder)
     config = dict(source_config) if isinstance(source_config, Mapping) else source_config.to_diff_dict()
     config.update({"dtype": "float16", "torch_dtype": "float16", "quantization_config": dict(qconfig)})
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (folder / QUANTIZE_CONFIG_NAME).write_text(json.dumps(dict(qconfig), indent=2, sort_keys=True) + "\n")
+    (folder / "config.json").write_text(json.dumps(_sorted_keys(config), indent=2) + "\n")
+    (folder / QUANTIZE_CONFIG_NAME).write_text(json.dumps(_sorted_keys(dict(qconfig)), indent=2) + "\n")
+
+
+def _sorted_keys(value: Any) -> Any:
+    """VALUE with every object's keys sorted (stable files), except ``dynamic``'s: its first match wins."""
+    if not isinstance(value, Mapping):
+        return value
+    return {key: item if key == "dynamic" else _sorted_keys(item) for key, item in sorted(value.items())}
 
 
 def linear_prefixes(layer: int) -> list[str]:

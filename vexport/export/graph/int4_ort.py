@@ -1,5 +1,9 @@
 """int4 ONNX: each decoder Linear of a GPTQ v1 checkpoint as ONNX Runtime's ``com.microsoft.MatMulNBits``.
 
+A mixed checkpoint (``quantization_config.dynamic``, quant/dynamic.py) gives each Linear its own MatMulNBits
+``bits`` (4 or 8) and ``block_size``; a Linear it leaves float16 is a float ``MatMul`` on its ``.weight``. At 8
+bits B holds one code per byte ([N, n_blocks, block_size]) and zero_points one per byte ([N, n_blocks]).
+
 MatMulNBits computes ``Y = A @ dequant(B)^T (+ bias)`` with B quantized in blocks of ``block_size`` consecutive
 inputs (a power of two >= 16), ``dequant = (code - zero_point) * scale``:
 - ``B`` uint8 [N, n_blocks, block_size / 2]: two codes per byte along K, the first in the low nibble;
@@ -34,7 +38,8 @@ from vexport.errors import VexportError
 from vexport.export.graph.contrib import CONTRIB_DOMAIN
 from vexport.export.graph.weights import pack_nibbles
 from vexport.model import ModelSource
-from vexport.quant.checkpoint import gptq_options
+from vexport.quant.checkpoint import gptq_options, module_quant
+from vexport.quant.dynamic import ModuleQuant
 from vexport.quant.pack import unpack_gptq_v1
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,7 @@ class BlockPlan:
     order: np.ndarray | None  # int64 [K]: input columns sorted by group (None: already in order)
     block_size: int
     block_group: np.ndarray  # int64 [n_blocks]: the GPTQ group of each block
+    bits: int = 4
 
     @property
     def n_blocks(self) -> int:
@@ -79,8 +85,8 @@ def plan_blocks(g_idx: np.ndarray, where: str = "g_idx") -> BlockPlan:
 
 
 def matmul_nbits_tensors(packed: dict[str, torch.Tensor], plan: BlockPlan, dtype: str) -> dict[str, np.ndarray]:
-    """B, scales and zero_points of MatMulNBits from one Linear's GPTQ v1 tensors."""
-    qw = unpack_gptq_v1(packed)
+    """B, scales and zero_points of MatMulNBits from one Linear's GPTQ v1 tensors (at ``plan.bits``)."""
+    qw = unpack_gptq_v1(packed, plan.bits)
     codes, zeros = qw.q, qw.zeros.to(torch.uint8)  # [N, K], [G, N] true zero points
     if plan.order is not None:
         codes = codes[:, torch.from_numpy(plan.order)]
@@ -89,10 +95,11 @@ def matmul_nbits_tensors(packed: dict[str, torch.Tensor], plan: BlockPlan, dtype
     block_zeros = zeros[groups].T.contiguous()  # [N, n_blocks]
     padded = block_zeros[:, -1:].repeat(1, plan.n_blocks * plan.block_size)  # padding codes = zero point
     padded[:, :k] = codes
+    pack = pack_nibbles if plan.bits == 4 else np.asarray  # 8 bits: one code per byte
     return {
-        "B": pack_nibbles(padded.numpy()).reshape(n, plan.n_blocks, plan.block_size // 2),
+        "B": pack(padded.numpy()).reshape(n, plan.n_blocks, plan.block_size * plan.bits // 8),
         "scales": qw.scales[groups].T.contiguous().numpy().astype(_NP_DTYPE[dtype]),
-        "zero_points": pack_nibbles(block_zeros.numpy()),
+        "zero_points": pack(block_zeros.numpy()),
     }
 
 
@@ -100,7 +107,7 @@ def _same_plan(a: BlockPlan, b: BlockPlan) -> bool:
     """Linears can share one MatMulNBits (concatenated along N) when K, act-order and block size agree."""
     same_order = (a.order is None and b.order is None) or (
         a.order is not None and b.order is not None and np.array_equal(a.order, b.order))
-    return same_order and a.block_size == b.block_size and a.n_blocks == b.n_blocks
+    return same_order and a.block_size == b.block_size and a.n_blocks == b.n_blocks and a.bits == b.bits
 
 
 class MatMulNBitsEmitter:
@@ -117,15 +124,19 @@ class MatMulNBitsEmitter:
         self.accuracy_level = accuracy_level
         self.options = gptq_options(source.config, source.path / "config.json")
         self.block_sizes: set[int] = set()
+        self.float_linears: set[str] = set()  # Linears the checkpoint leaves float16 (float MatMul)
         self._gathers: dict[tuple[str, bytes], str] = {}
-        self._plans: dict[str, BlockPlan] = {}  # per Linear: each g_idx is read once, though asked for up to 3 times
+        self._plans: dict[str, BlockPlan | None] = {}  # per Linear: each g_idx is read once, though asked for up to 3 times
         self._cache: tuple[str, dict[str, np.ndarray]] | None = None
 
     def __call__(self, b, x: str, prefix: str, name: str, bias: bool, *, out_order: np.ndarray | None = None,
                  x_in_order: bool = False) -> str:
         """MatMulNBits for one Linear. ``out_order`` permutes its output columns (so that an elementwise op
-        after it hands the next Linear its input already in act-order); ``x_in_order`` says X arrives that way."""
+        after it hands the next Linear its input already in act-order); ``x_in_order`` says X arrives that way.
+        A Linear the checkpoint leaves float16 is a float MatMul (``_float_linear``)."""
         plan = self._plan(prefix)
+        if plan is None:
+            return self._float_linear(b, x, prefix, name, bias, out_order)
         k, n = self.source.tensors[f"{prefix}.g_idx"][2][0], self.source.tensors[f"{prefix}.qweight"][2][1]
         if plan.order is not None and not x_in_order:
             x = self._gather(b, x, plan.order, prefix, name)
@@ -135,8 +146,23 @@ class MatMulNBitsEmitter:
         if bias:
             inputs += ["", b.weight(f"{name}_bias", f"{prefix}.bias",  # "" is the deprecated g_idx input
                                     make=_bias_maker([prefix], b.dtype, out_order))]
-        return b.op("MatMulNBits", *inputs, domain=CONTRIB_DOMAIN, K=k, N=n, bits=4, block_size=plan.block_size,
-                    **self._accuracy())
+        return b.op("MatMulNBits", *inputs, domain=CONTRIB_DOMAIN, K=k, N=n, bits=plan.bits,
+                    block_size=plan.block_size, **self._accuracy())
+
+    def _float_linear(self, b, x: str, prefix: str, name: str, bias: bool, out_order: np.ndarray | None) -> str:
+        """x @ W^T (+ b) on the checkpoint's float16 ``PREFIX.weight``, stored [in, out] in the graph dtype, its
+        output columns permuted by OUT_ORDER where an act-order Linear after it needs that."""
+        self.float_linears.add(prefix)
+
+        def make(read: Callable[[str], torch.Tensor]) -> np.ndarray:
+            weight = read(f"{prefix}.weight").to(_TORCH_DTYPE[b.dtype]).t()
+            return (weight if out_order is None else weight[:, torch.from_numpy(out_order)]).contiguous().numpy()
+
+        y = b.op("MatMul", x, b.weight(f"{name}_weight", f"{prefix}.weight", make=make))
+        if not bias:
+            return y
+        return b.op("Add", y, b.weight(f"{name}_bias", f"{prefix}.bias", make=_bias_maker([prefix], b.dtype,
+                                                                                       out_order)))
 
     def fused(self, b, x: str, prefixes: list[str], name: str, bias: bool, *, out_order: np.ndarray | None = None,
               x_in_order: bool = False) -> str:
@@ -144,7 +170,7 @@ class MatMulNBitsEmitter:
         concatenated along N when their block plans match (same act-order and block size), else one each.
         ``out_order`` permutes the output columns of every Linear alike (see ``__call__``)."""
         plans = [self._plan(p) for p in prefixes]
-        if len(prefixes) == 1 or not all(_same_plan(plans[0], p) for p in plans[1:]):
+        if len(prefixes) == 1 or None in plans or not all(_same_plan(plans[0], p) for p in plans[1:]):
             outputs = [self(b, x, p, f"{name}_{j}" if len(prefixes) > 1 else name, bias, out_order=out_order,
                             x_in_order=x_in_order) for j, p in enumerate(prefixes)]
             return outputs[0] if len(outputs) == 1 else b.op("Concat", *outputs, axis=-1)
@@ -158,24 +184,32 @@ class MatMulNBitsEmitter:
         if bias:
             inputs += ["", b.weight(f"{name}_bias", f"{prefixes[0]}.bias",
                                     make=_bias_maker(prefixes, b.dtype, out_order))]
-        return b.op("MatMulNBits", *inputs, domain=CONTRIB_DOMAIN, K=k, N=n, bits=4, block_size=plan.block_size,
-                    **self._accuracy())
+        return b.op("MatMulNBits", *inputs, domain=CONTRIB_DOMAIN, K=k, N=n, bits=plan.bits,
+                    block_size=plan.block_size, **self._accuracy())
 
     def input_order(self, prefix: str) -> np.ndarray | None:
-        """The act-order permutation a Linear's input needs (None: in order already)."""
-        return self._plan(prefix).order
+        """The act-order permutation a Linear's input needs (None: in order already, or a float Linear)."""
+        plan = self._plan(prefix)
+        return None if plan is None else plan.order
 
     def _accuracy(self) -> dict:
         return {} if self.accuracy_level is None else {"accuracy_level": self.accuracy_level}
 
-    def _plan(self, prefix: str) -> BlockPlan:
+    def _plan(self, prefix: str) -> BlockPlan | None:
+        """The block plan of a quantized Linear; None for one the checkpoint leaves float16."""
         if prefix not in self._plans:
-            if f"{prefix}.qweight" not in self.source.tensors:
-                raise VexportError(f"{self.source.path} has no {prefix}.qweight: every decoder Linear must be GPTQ")
-            g_idx = self.source.read_tensor(f"{prefix}.g_idx").numpy()
-            self._plans[prefix] = plan_blocks(g_idx, f"{self.source.path}: {prefix}")
-            self.block_sizes.add(self._plans[prefix].block_size)
+            quant = module_quant(self.options, prefix, str(self.source.path / "config.json"))
+            self._plans[prefix] = None if quant is None else self._quantized_plan(prefix, quant)
         return self._plans[prefix]
+
+    def _quantized_plan(self, prefix: str, quant: ModuleQuant) -> BlockPlan:
+        if f"{prefix}.qweight" not in self.source.tensors:
+            raise VexportError(f"{self.source.path} has no {prefix}.qweight, which its quantization_config says is "
+                               f"quantized ({quant.bits} bits)")
+        g_idx = self.source.read_tensor(f"{prefix}.g_idx").numpy()
+        plan = plan_blocks(g_idx, f"{self.source.path}: {prefix}")
+        self.block_sizes.add(plan.block_size)
+        return BlockPlan(plan.order, plan.block_size, plan.block_group, quant.bits)
 
     def _maker(self, prefixes: list[str], plan: BlockPlan, part: str, dtype: str,
                out_order: np.ndarray | None) -> Callable:
@@ -210,9 +244,12 @@ class MatMulNBitsEmitter:
     def format_options(self, dtype: str) -> dict:
         """What the manifest records about the int4 graph."""
         keys = ("bits", "group_size", "desc_act", "sym", "checkpoint_format")
+        bits = sorted({plan.bits for plan in self._plans.values() if plan is not None})
+        mixed = {"matmul_nbits_bits": bits, "float_linears": len(self.float_linears)} if \
+            self.options.get("dynamic") else {}
         return {"activation_dtype": dtype, **{k: self.options[k] for k in keys},
                 "matmul_nbits_block_sizes": sorted(self.block_sizes), "act_order_gathers": len(self._gathers),
-                "matmul_nbits_accuracy_level": self.accuracy_level or 0}
+                "matmul_nbits_accuracy_level": self.accuracy_level or 0, **mixed}
 
 
 def _bias_maker(prefixes: list[str], dtype: str, out_order: np.ndarray | None) -> Callable:

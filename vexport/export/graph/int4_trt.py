@@ -16,6 +16,11 @@ ReduceSum; the correction is a small ``[K / block, N]`` MatMul.
 
 Blocks and act-order follow export/graph/int4_ort.py (``plan_blocks``): input columns are sorted by group with one
 ``Gather`` on the activations, a block never straddles a group, and here the block also divides K.
+
+A mixed checkpoint (``quantization_config.dynamic``, quant/dynamic.py): TensorRT documents blocked
+``DequantizeLinear`` for INT4 weights only (INT8 weights are per-tensor or per-channel), so an 8-bit Linear is a
+float ``MatMul`` on its dequantized weight (the exact values the checkpoint stands for, in the graph dtype), and
+a Linear left float16 is a float ``MatMul`` on its ``.weight``; both are counted in ``format_options``.
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ from vexport.errors import VexportError
 from vexport.export.graph.int4_ort import BlockPlan, plan_blocks
 from vexport.export.graph.weights import PackedInt4, pack_int4, unpack_int4
 from vexport.model import ModelSource
-from vexport.quant.checkpoint import gptq_options
-from vexport.quant.pack import unpack_gptq_v1
+from vexport.quant.checkpoint import gptq_options, module_quant
+from vexport.quant.dynamic import ModuleQuant
+from vexport.quant.pack import dequantize_gptq_v1, unpack_gptq_v1
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,8 @@ __all__ = ["SIGNED_OFFSET", "BlockedDequantEmitter", "PackedInt4", "blocked_int4
 
 SIGNED_OFFSET = 8  # GPTQ codes 0..15 become TensorRT's symmetric int4 -8..7
 _NP_DTYPE = {"float32": np.float32, "float16": np.float16}
+_TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16}
+GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
 
 
 def trt_block_plan(g_idx: np.ndarray, where: str) -> BlockPlan:
@@ -78,12 +86,17 @@ class BlockedDequantEmitter:
         self.options = gptq_options(source.config, source.path / "config.json")
         self.block_sizes: set[int] = set()
         self.corrections = 0
+        self.float_linears = {"float16": 0, "dequantized_8bit": 0}  # Linears a float MatMul computes
         self._gathers: dict[tuple[str, bytes], str] = {}
         self._cache: tuple[str, dict] | None = None
 
     def __call__(self, b, x: str, prefix: str, name: str, bias: bool) -> str:
+        quant = module_quant(self.options, prefix, str(self.source.path / "config.json"))
+        if quant is None or quant.bits != 4:
+            return self._float_linear(b, x, prefix, name, bias, quant)
         if f"{prefix}.qweight" not in self.source.tensors:
-            raise VexportError(f"{self.source.path} has no {prefix}.qweight: every decoder Linear must be GPTQ")
+            raise VexportError(f"{self.source.path} has no {prefix}.qweight, which its quantization_config says is "
+                               "quantized (4 bits)")
         plan = trt_block_plan(self.source.read_tensor(f"{prefix}.g_idx").numpy(), f"{self.source.path}: {prefix}")
         self.block_sizes.add(plan.block_size)
         if plan.order is not None:
@@ -91,8 +104,24 @@ class BlockedDequantEmitter:
         codes = b.weight(f"{name}_int4", f"{prefix}.qweight", make=self._maker(prefix, plan, "codes", b.dtype))
         scales = b.weight(f"{name}_scales", f"{prefix}.scales", make=self._maker(prefix, plan, "scales", b.dtype))
         y = b.op("MatMul", x, b.op("DequantizeLinear", codes, scales, axis=0, block_size=plan.block_size))
-        if not self.options["sym"]:
+        if not quant.sym:
             y = b.op("Add", y, self._correction(b, x, prefix, name, plan))
+        return b.op("Add", y, b.weight(f"{name}_bias", f"{prefix}.bias")) if bias else y
+
+    def _float_linear(self, b, x: str, prefix: str, name: str, bias: bool, quant: ModuleQuant | None) -> str:
+        """A float MatMul for a Linear blocked INT4 cannot hold: the checkpoint's float16 ``.weight`` (QUANT
+        None), or the dequantized weight of an 8-bit Linear; stored [in, out] in the graph dtype."""
+        self.float_linears["float16" if quant is None else "dequantized_8bit"] += 1
+
+        def make(read: Callable[[str], torch.Tensor]) -> np.ndarray:
+            if quant is None:
+                weight = read(f"{prefix}.weight").float()
+            else:
+                weight = dequantize_gptq_v1({t: read(f"{prefix}.{t}") for t in GPTQ_PARTS}, torch.float32, quant.bits)
+            return weight.t().to(_TORCH_DTYPE[b.dtype]).contiguous().numpy()
+
+        source = f"{prefix}.weight" if quant is None else f"{prefix}.qweight"
+        y = b.op("MatMul", x, b.weight(f"{name}_weight", source, make=make))
         return b.op("Add", y, b.weight(f"{name}_bias", f"{prefix}.bias")) if bias else y
 
     def _correction(self, b, x: str, prefix: str, name: str, plan: BlockPlan) -> str:
@@ -124,7 +153,8 @@ class BlockedDequantEmitter:
         return make
 
     def _check_sym(self, prefix: str) -> None:
-        if self.options["sym"] and bool(np.any(self._cache[1]["correction"])):
+        sym = module_quant(self.options, prefix).sym
+        if sym and bool(np.any(self._cache[1]["correction"])):
             raise VexportError(f"{self.source.path}: {prefix} has zero points other than 8, but its config says "
                                "sym: true")
 
@@ -132,4 +162,5 @@ class BlockedDequantEmitter:
         keys = ("bits", "group_size", "desc_act", "sym", "checkpoint_format")
         return {"activation_dtype": dtype, **{k: self.options[k] for k in keys}, "int4_form": "DequantizeLinear",
                 "dequantize_block_sizes": sorted(self.block_sizes), "act_order_gathers": len(self._gathers),
-                "zero_point_corrections": self.corrections}
+                "zero_point_corrections": self.corrections,
+                **({"float_linears": dict(self.float_linears)} if self.options.get("dynamic") else {})}
