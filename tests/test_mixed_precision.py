@@ -6,14 +6,11 @@ transformers with each Linear's weight dequantized from the checkpoint."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.helpers import REPO, run_cli
+from tests.helpers import run_cli
 from vexport.backends.gptq import QuantLinear, dequantized_linears
 from vexport.backends.int4_cpu import unsupported_reason
 from vexport.errors import InputError
@@ -166,8 +163,9 @@ def test_manifest_records_the_allocation(mixed_dir):
         layer, kind = int(name.split(".")[2]), name.split(".", 3)[3]
         assert alloc["modules"][kind][layer] == label
     assert 4.16 < alloc["average_bits"] < 16
-    assert "mlp.down_proj: L0 8g32, L1 fp16" in allocation_lines(alloc)
-    assert "mlp.up_proj: L0-1 4g128" in allocation_lines(alloc)
+    lines = allocation_lines(alloc)
+    assert lines[0] == "self_attn.q_proj: L0 8g32, L1 4g128"  # forward order, not the manifest's sorted keys
+    assert lines[-1] == "mlp.down_proj: L0 8g32, L1 fp16" and "mlp.up_proj: L0-1 4g128" in lines
 
 
 # ------------------------------------------------------------------ every reader against the reference
@@ -231,3 +229,45 @@ def test_triton_kernel_runs_both_widths(mixed_dir, dtype):
         want = int4_matmul_reference(x, *parts.values(), bits=bits)
         tol = 1e-5 if dtype == torch.float32 else 2e-3
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+# ------------------------------------------------------------------ the CLI, info and the report
+def test_cli_export_with_a_plan_logs_progress_and_info_lists_it(wide_model_dir, tmp_path):
+    """`vexport export --dynamic FILE` as CI runs it (stderr a pipe, not a TTY): one progress line per layer
+    on stderr; `vexport info` lists the allocation per module type, layers run-length encoded."""
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(PLAN))
+    out = tmp_path / "cli"
+    done = run_cli("export", wide_model_dir, "--format", "gptq", "-o", out, "--dynamic", plan, "--samples", "4",
+                   "--seq-len", "32", "--group-size", "128")
+    assert done.returncode == 0, done.stderr
+    progress = [line for line in done.stderr.splitlines() if "GPTQ: layer" in line]
+    assert len(progress) == 2, done.stderr
+    assert "layer 1 of 2" in progress[0] and "remaining" in progress[0] and "elapsed" in progress[0]
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["dynamic"] == PLAN
+    info = run_cli("info", out)
+    assert info.returncode == 0, info.stderr
+    assert "mlp.down_proj: L0 8g32, L1 fp16" in info.stdout and "self_attn.o_proj: L0-1 4g128" in info.stdout
+
+
+def test_a_plan_no_reader_takes_is_refused_before_any_work(wide_model_dir, tmp_path):
+    from vexport.export.options import GPTQOptions as ExportOptions
+
+    plan = {r"+:.*\.mlp\.up_proj": {"bits": 3}}
+    with pytest.raises(InputError, match=r"--dynamic: model\.layers\.0\.mlp\.up_proj resolves to 3 bits"):
+        export_gptq(wide_model_dir, tmp_path / "out", ExportOptions(dynamic=plan).solver(), **SMALL)
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_parity_report_has_a_bits_table(mixed_dir, wide_model_dir, tmp_path):
+    from vexport.checker import check
+
+    md, html = tmp_path / "r.md", tmp_path / "r.html"
+    check(mixed_dir, wide_model_dir, device="cpu", report=[md, html], record=False)
+    text = md.read_text()
+    assert "## Bits per module" in text
+    assert "| Layer | q | k | v | o | gate | up | down |" in text
+    assert "| 1 | 4g128 | 4g128 | 4g128 | 4g128 | 4g128 | 4g128 | fp16 |" in text
+    assert "| 0 | 8g32 | 8g32 | 8g32 | 4g128 | 4g128 | 4g128 | 8g32 |" in text
+    page = html.read_text()
+    assert "Bits per module" in page and "<td>fp16</td>" in page

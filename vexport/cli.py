@@ -162,6 +162,8 @@ def export(
     from vexport.export.options import options_for
 
     options = options_for(format.value, settings)
+    if not sys.stderr.isatty():  # no bar to watch (CI, nohup): long stages log their progress lines instead
+        logging.getLogger("vexport.progress").setLevel(logging.INFO)
     out.print(f"wrote {export_model(model, output, format.value, options, force=force, progress=True)}")
 
 
@@ -238,10 +240,21 @@ def _info_rows(m) -> list[tuple[str, str]]:
             ("inputs", ", ".join(f"{i['name']} {i['dtype']} {i['shape']}" for i in m.inputs)),
             ("outputs", ", ".join(f"{o['name']} {o['dtype']} {o['shape']}" for o in m.outputs)),
             ("size", f"{sum(f['size'] for f in m.files.values()) / 1e6:.1f} MB in {len(m.files)} files")]
-    rows += [(k, str(v)) for k, v in m.format_options.items() if k != "operator_counts"]
+    rows += [(k, str(v)) for k, v in m.format_options.items() if k not in ("operator_counts", "allocation")]
+    rows += _allocation_rows(m.format_options.get("allocation"))
     rows.append(("parity", _parity_line(m.parity)))
     rows += [("created", m.created), ("versions", ", ".join(f"{k} {v}" for k, v in m.versions.items()))]
     return rows
+
+
+def _allocation_rows(alloc) -> list[tuple[str, str]]:
+    """A GPTQ export's bits per Linear: the average, then per module type its layers run-length encoded."""
+    if not isinstance(alloc, dict) or not isinstance(alloc.get("modules"), dict):
+        return []
+    from vexport.quant.dynamic import allocation_lines
+
+    rows = [("allocation", f"{alloc.get('average_bits')} stored bits per Linear weight (scales, zeros counted)")]
+    return rows + [("", line) for line in allocation_lines(alloc)]
 
 
 def _parity_line(parity: dict | None) -> str:

@@ -58,6 +58,8 @@ def export_gptq(model: str | os.PathLike, output: str | os.PathLike, options: GP
         copy_support_files(source.path, tmp)
         write_gptq_config(tmp, source.config, qconfig)
         opts = {**qconfig, "weights": "model.safetensors.index.json", "damp_percent": options.damp_percent,
+                # [key, overrides] pairs: the manifest's objects are written with sorted keys, and first match wins
+                **({"dynamic": [[k, v] for k, v in qconfig["dynamic"].items()]} if "dynamic" in qconfig else {}),
                 "calibration": {"source": str(calibration) if calibration else "builtin", "samples": samples,
                                 "seq_len": seq_len, "seed": seed, "digest": _digest(calibration)},
                 "value_calibration": {**fit, "float_targets": options.float_targets}, "allocation": alloc,

@@ -26,6 +26,8 @@ SKIP, OVERRIDE = "-:", "+:"
 OVERRIDE_FIELDS = ("bits", "group_size", "sym", "desc_act")
 PLAN_BITS = (4, 8)  # what every vexport reader runs (GPTQ v1 packs 2, 4 and 8 evenly; 3 straddles words)
 SCALE_BITS = 16  # a float16 scale per group and output
+LINEAR_ORDER = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                "mlp.up_proj", "mlp.down_proj")  # forward order: how tables list the module types
 VLLM_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
@@ -153,7 +155,9 @@ def allocation(plan: Mapping[str, ModuleQuant | None], shapes: Mapping[str, tupl
 def allocation_lines(alloc: Mapping[str, Any]) -> list[str]:
     """One line per module type, layers run-length encoded: ``self_attn.v_proj: L0-1 8g32, L2-29 4g128``."""
     lines = []
-    for kind, labels in alloc.get("modules", {}).items():
+    for kind, labels in in_forward_order(alloc.get("modules", {})):
+        if not isinstance(labels, list) or not labels:
+            continue  # a hand-edited manifest: nothing to show for this type
         runs, start = [], 0
         for i in range(1, len(labels) + 1):
             if i == len(labels) or labels[i] != labels[start]:
@@ -162,3 +166,9 @@ def allocation_lines(alloc: Mapping[str, Any]) -> list[str]:
                 start = i
         lines.append(f"{kind}: {', '.join(runs)}")
     return lines
+
+
+def in_forward_order(modules: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """The (module type, value) items of MODULES in forward order (a manifest's keys come back sorted)."""
+    rank = {kind: i for i, kind in enumerate(LINEAR_ORDER)}
+    return sorted(modules.items(), key=lambda item: rank.get(item[0], len(rank)))

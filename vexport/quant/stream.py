@@ -34,6 +34,9 @@ from vexport.quant.gptq import TARGET_DAMP_PERCENT, GPTQQuantizer
 from vexport.quant.pack import pack_gptq_v1
 
 log = logging.getLogger(__name__)
+# Per-layer progress lines (layer i of n, elapsed, expected remaining). A run without a terminal has no bar to
+# watch, so the CLI raises this logger to INFO when stderr is not a TTY (CI, nohup, a Ray job).
+progress_log = logging.getLogger("vexport.progress")
 
 QUANTIZED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -220,6 +223,7 @@ def quantize_stream(source: ModelSource, samples: torch.Tensor, options: GPTQOpt
     reference = hidden.clone() if keep_reference or options.float_targets else None
     kwargs = layer_kwargs(config, samples.shape[1], device, dtype)
     result = StreamResult(hidden, reference)
+    pace = LayerPace(config.num_hidden_layers)
     with progress_bar("quantizing decoder layers", config.num_hidden_layers, progress) as advance:
         for index in range(config.num_hidden_layers):
             start = time.perf_counter()
@@ -232,10 +236,34 @@ def quantize_stream(source: ModelSource, samples: torch.Tensor, options: GPTQOpt
             write(_layer_tensors(index, layer, packed))
             del layer
             result.seconds_per_layer.append(time.perf_counter() - start)
-            log.info("layer %d quantized in %.1f s", index, result.seconds_per_layer[-1])
+            pace.layer_done(result.seconds_per_layer[-1])
             advance()
     result.hidden_quantized, result.hidden_reference = hidden, reference
     return result
+
+
+class LayerPace:
+    """Logs each finished layer on ``progress_log``: i of n, its time, the elapsed time and the expected
+    remaining time (the mean time per layer so far, times the layers left). Layers are alike, so this is a
+    steady pace: one line per layer."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+
+    def layer_done(self, seconds: float) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        remaining = elapsed / self.done * (self.total - self.done)
+        progress_log.info("GPTQ: layer %d of %d quantized in %.1f s; elapsed %s, about %s remaining", self.done,
+                          self.total, seconds, clock(elapsed), clock(remaining))
+
+
+def clock(seconds: float) -> str:
+    """``1h02m03s``, ``2m03s`` or ``3s``."""
+    whole = int(round(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def _layer_tensors(index: int, layer: nn.Module, packed: dict[str, dict[str, torch.Tensor]]) -> dict:

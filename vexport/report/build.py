@@ -121,6 +121,13 @@ def single_report(comparison: Mapping[str, Any]) -> dict[str, Any]:
     entry = comparison["artifacts"][0]
     keys = ("vexport_version", "created", "reference", "evalset", "seed", "environment")
     return {**{k: comparison[k] for k in keys},
-            "artifact": {k: entry[k] for k in ("path", "format", "precision", "backend", "device")},
+            "artifact": {**{k: entry[k] for k in ("path", "format", "precision", "backend", "device")},
+                         **_allocation(entry)},
             "parity": entry["parity"], "worst": [{k: w[k] for k in ("index", "max_abs_error", "text")}
                                                  for w in entry["worst"]]}
+
+
+def _allocation(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A mixed-precision export's per-module allocation, kept in the one-artifact report (its bits table)."""
+    allocation = entry.get("export", {}).get("allocation")
+    return {"allocation": allocation} if allocation is not None else {}

@@ -17,6 +17,7 @@ from typing import Any
 
 from vexport.errors import VexportError
 from vexport.report import plots
+from vexport.report.bits import bits_table, is_mixed
 from vexport.report.json import to_jsonable
 from vexport.report.summary import HEADER, as_float, dtype_bits, fmt_bytes, fmt_metric, summary_rows
 
@@ -74,7 +75,13 @@ def _artifact(index: int, entry: Mapping[str, Any]) -> dict[str, Any]:
         "checks": [_check_row(c) for c in entry["parity"]["checks"]],
         "images": [{"kind": k, "alt": f"{label}: {alt}", "uri": plots.data_uri(png)} for k, alt, png in images],
         "worst": [_worst_row(rank, w) for rank, w in enumerate(entry["worst"], start=1)],
+        "bits": _bits(entry.get("export", {}).get("allocation")),
     }
+
+
+def _bits(allocation: Any) -> dict[str, Any] | None:
+    table = bits_table(allocation)
+    return table if table is not None and is_mixed(table) else None
 
 
 def _facts(entry: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -85,7 +92,7 @@ def _facts(entry: Mapping[str, Any]) -> list[tuple[str, str]]:
              ("load", f"{entry.get('load_seconds', 0):.2f} s"),
              ("scoring", f"{scoring.get('seconds', 0):.2f} s for {scoring.get('tokens')} tokens in "
                          f"{scoring.get('batches')} batches (warm-up {scoring.get('warmup_seconds', 0):.2f} s)")]
-    facts += [(f"export: {k}", _flat(v)) for k, v in sorted(entry.get("export", {}).items())]
+    facts += [(f"export: {k}", _flat(v)) for k, v in sorted(entry.get("export", {}).items()) if k != "allocation"]
     return [(k, str(v)) for k, v in facts]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from vexport.report.bits import bits_table, is_mixed
 from vexport.report.json import to_jsonable
 from vexport.report.summary import HEADER, summary_rows
 
@@ -43,6 +44,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         _other_measurements(parity),
         _bullets("Failures", parity.get("failures", []), empty="None."),
         _bullets("Notes", parity.get("notes", []), empty=None),
+        _bits(None, data.get("artifact", {}).get("allocation")),
         _worst(data.get("worst", [])),
         _key_values("Environment", data.get("environment", {})),
     ]
@@ -145,9 +147,21 @@ def _render_comparison(data: Mapping[str, Any]) -> str:
         _summary(data),
         _thresholds(data.get("artifacts", [])),
         _artifact_failures(data.get("artifacts", [])),
+        *(_bits(a.get("label"), a.get("export", {}).get("allocation")) for a in data.get("artifacts", [])),
         _key_values("Environment", data.get("environment", {})),
     ]
     return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
+
+
+def _bits(label: str | None, allocation: Any) -> list[str]:
+    """The per-module bits table of a mixed-precision export (nothing for a uniform one)."""
+    table = bits_table(allocation)
+    if table is None or not is_mixed(table):
+        return []
+    title = "## Bits per module" + (f": {label}" if label else "")
+    note = (f"Average {_fmt(table['average_bits'])} stored bits per Linear weight (scales and zero points "
+            "counted). `4g128`: 4 bits in groups of 128 inputs; `fp16`: left unquantized.")
+    return [title, "", *_table(table["header"], table["rows"]), "", note]
 
 
 def _comparison_title(data: Mapping[str, Any]) -> list[str]:
