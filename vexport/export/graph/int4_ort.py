@@ -126,7 +126,7 @@ class MatMulNBitsEmitter:
         self.block_sizes: set[int] = set()
         self.float_linears: set[str] = set()  # Linears the checkpoint leaves float16 (float MatMul)
         self._gathers: dict[tuple[str, bytes], str] = {}
-        self._plans: dict[str, BlockPlan | None] = {}  # per Linear: each g_idx is read once, though asked for up to 3 times
+        self._plans: dict[str, BlockPlan | None] = {}  # per Linear (None: float16): each g_idx read once
         self._cache: tuple[str, dict[str, np.ndarray]] | None = None
 
     def __call__(self, b, x: str, prefix: str, name: str, bias: bool, *, out_order: np.ndarray | None = None,
