@@ -5,12 +5,16 @@ transformers with each Linear's weight dequantized from the checkpoint."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from tests.helpers import run_cli
+from tests.helpers import REPO, run_cli
 from vexport.backends.gptq import QuantLinear, dequantized_linears
 from vexport.backends.int4_cpu import unsupported_reason
 from vexport.errors import InputError
@@ -27,7 +31,7 @@ from vexport.runtime import load
 # first match wins: layer 1's down_proj is skipped by the first key though the third matches it too
 PLAN = {
     r"-:model\.layers\.1\.mlp\.down_proj": {},
-    r"+:model\.layers\.0\.self_attn\.(q|k|v)_proj": {"bits": 8, "group_size": 32},
+    r"+:model\.layers\.0\.self_attn\.(qkv|q|k|v)_proj": {"bits": 8, "group_size": 32},  # qkv: vLLM's fused name
     r".*\.mlp\.down_proj": {"bits": 8, "group_size": 32},
 }
 EXPECTED = {"model.layers.0.self_attn.q_proj": "8g32", "model.layers.0.self_attn.v_proj": "8g32",
@@ -115,7 +119,9 @@ def test_bad_plans_are_refused_by_name(tmp_path):
 def test_vllm_fusion_conflicts_are_named():
     base = ModuleQuant(4, 128)
     plan = {f"model.layers.0.{n}": resolve(PLAN, f"model.layers.0.{n}", base) for n in QUANTIZED_LINEARS}
-    assert vllm_fusion_conflicts(plan) == []
+    assert vllm_fusion_conflicts(plan, PLAN, base) == []
+    unfused_only = {r"+:model\.layers\.0\.self_attn\.(q|k|v)_proj": {"bits": 8}}  # misses "qkv_proj"
+    assert vllm_fusion_conflicts(plan, unfused_only, base) == ["model.layers.0.self_attn.qkv_proj"]
     plan["model.layers.0.self_attn.k_proj"] = base
     assert vllm_fusion_conflicts(plan) == ["model.layers.0.self_attn.qkv_proj"]
 
@@ -271,3 +277,28 @@ def test_parity_report_has_a_bits_table(mixed_dir, wide_model_dir, tmp_path):
     assert "| 0 | 8g32 | 8g32 | 8g32 | 4g128 | 4g128 | 4g128 | 8g32 |" in text
     page = html.read_text()
     assert "Bits per module" in page and "<td>fp16</td>" in page
+
+
+def _vllm_paths() -> list[str] | None:
+    """Where vLLM's own code is: an installed vllm ([]), or VEXPORT_VLLM_PATH (folders, os.pathsep-separated:
+    the unpacked wheel and its pure-Python dependencies, as scripts/check_vllm_gptq_dynamic.py says)."""
+    if os.environ.get("VEXPORT_VLLM_PATH"):
+        return os.environ["VEXPORT_VLLM_PATH"].split(os.pathsep)
+    return [] if importlib.util.find_spec("vllm") is not None else None
+
+
+def test_vllm_gptq_config_resolves_what_vexport_wrote(wide_model_dir, tmp_path):
+    """vLLM's own GPTQ config (never vendored) parses the written dynamic; every module, fused names included,
+    resolves to the bits and group vexport wrote. vLLM refuses act-order with groups, so desc_act is off here."""
+    paths = _vllm_paths()
+    if paths is None:
+        pytest.skip("needs vLLM's code: pip install vllm, or VEXPORT_VLLM_PATH (scripts/check_vllm_gptq_dynamic.py)")
+    out = export_gptq(wide_model_dir, tmp_path / "noact", GPTQOptions(group_size=128, desc_act=False, dynamic=PLAN),
+                      **SMALL)
+    args = [a for p in paths for a in ("--vllm-path", p)]
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "check_vllm_gptq_dynamic.py"), str(out), *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "18 modules" in done.stdout and "all agree" in done.stdout
+    assert "model.layers.1.mlp.down_proj" in done.stdout and "fp16           fp16" in done.stdout

@@ -98,10 +98,11 @@ def _allocation(source: ModelSource, options: GPTQOptions) -> dict:
             if in_f % per_word(quant.bits) or out_f % per_word(quant.bits):
                 raise VexportError(f"--dynamic: {prefix} [{out_f}, {in_f}] cannot be packed at {quant.bits} bits "
                                    f"(both sizes must be multiples of {per_word(quant.bits)})")
-    conflicts = vllm_fusion_conflicts(plan)
+    conflicts = vllm_fusion_conflicts(plan, options.dynamic, options.base)
     if conflicts:
-        log.warning("--dynamic gives the Linears vLLM fuses different settings (%s%s): vLLM cannot load this "
-                    "checkpoint", conflicts[0], f" and {len(conflicts) - 1} more" if len(conflicts) > 1 else "")
+        log.warning("--dynamic: vLLM fuses q/k/v and gate/up and resolves the fused name (%s%s), which this plan "
+                    "gives other settings than its parts: vLLM cannot load this checkpoint", conflicts[0],
+                    f" and {len(conflicts) - 1} more" if len(conflicts) > 1 else "")
     return allocation(plan, shapes)
 
 

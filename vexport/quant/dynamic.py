@@ -101,14 +101,19 @@ def check_plan_entry(quant: ModuleQuant, module: str, where: str) -> None:
                          "multiple of 8")
 
 
-def vllm_fusion_conflicts(plan: Mapping[str, ModuleQuant | None]) -> list[str]:
-    """Modules vLLM fuses (q/k/v, gate/up of one layer) that the plan gives different settings."""
+def vllm_fusion_conflicts(plan: Mapping[str, ModuleQuant | None], dynamic: Mapping[str, Any] | None = None,
+                          base: ModuleQuant | None = None) -> list[str]:
+    """The fused modules vLLM builds (``qkv_proj``, ``gate_up_proj`` of each layer) that cannot hold the plan:
+    their parts resolve to different settings, or (given DYNAMIC and BASE) the fused name itself resolves to
+    other settings than its parts (a key ``(q|k|v)_proj`` does not match ``qkv_proj``)."""
     conflicts = []
     for name in plan:
         for fused, parts in VLLM_FUSED.items():
             if name.endswith("." + parts[0]):
                 stem = name[: -len(parts[0])]
                 settings = {plan.get(stem + p, "absent") for p in parts}
+                if base is not None:
+                    settings.add(resolve(dynamic, stem + fused, base))
                 if len(settings) > 1:
                     conflicts.append(stem + fused)
     return conflicts
