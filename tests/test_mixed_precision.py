@@ -228,9 +228,10 @@ def test_triton_kernel_runs_both_widths(mixed_dir, dtype):
     from vexport.kernels.reference import int4_matmul_reference
 
     source = open_model(mixed_dir)
-    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(2)).to(dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(2)).to(device, dtype)
     for prefix, bits in (("model.layers.0.self_attn.q_proj", 8), ("model.layers.0.mlp.gate_proj", 4)):
-        parts = {t: source.read_tensor(f"{prefix}.{t}") for t in ("qweight", "qzeros", "scales", "g_idx")}
+        parts = {t: source.read_tensor(f"{prefix}.{t}").to(device) for t in ("qweight", "qzeros", "scales", "g_idx")}
         got = int4_matmul(x, *parts.values(), bits=bits)
         want = int4_matmul_reference(x, *parts.values(), bits=bits)
         tol = 1e-5 if dtype == torch.float32 else 2e-3
