@@ -303,3 +303,44 @@ def test_vllm_gptq_config_resolves_what_vexport_wrote(wide_model_dir, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "18 modules" in done.stdout and "all agree" in done.stdout
     assert "model.layers.1.mlp.down_proj" in done.stdout and "fp16           fp16" in done.stdout
+
+
+# ------------------------------------------------------------------ sensitivity and --bits-budget
+def test_value_sensitivity_and_allocation(wide_model_dir):
+    """RTN probes on the tiny model: raising a unit to 8-bit g32 changes the value SQNR; the allocation keeps
+    within the budget and takes the best gain per bit first."""
+    from vexport.quant.sensitivity import PROBE, allocate, dynamic_for, value_sensitivity
+
+    source = open_model(wide_model_dir)
+    model = source.load_torch(dtype=torch.float32)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    tokens = torch.randint(3, 500, (4, 32), generator=torch.Generator().manual_seed(0))
+    base = ModuleQuant(4, 128)
+    baseline, gains = value_sensitivity(model, tokens, base)
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())  # weights restored
+    assert len(gains) == 8 and 0 < baseline < 60 and max(gains.values()) > 0.5
+    shapes = {f"model.layers.{i}.{n}": tuple(source.tensors[f"model.layers.{i}.{n}.weight"][2])
+              for i in range(2) for n in QUANTIZED_LINEARS}
+    weights = sum(o * i for o, i in shapes.values())
+    for budget in (4.5, 6.0):
+        raised = allocate(gains, shapes, budget, base)
+        plan = {name: resolve(dynamic_for(raised), name, base) for name in shapes}
+        average = sum(o * i * plan[n].stored_bits(i) for n, (o, i) in shapes.items()) / weights
+        assert raised and average <= budget
+        assert vllm_fusion_conflicts(plan, dynamic_for(raised), base) == []
+    best = max(gains, key=gains.get)
+    assert best in allocate(gains, shapes, 16.0, base)  # an unbounded budget raises every unit that gains
+    with pytest.raises(InputError, match="below the 4.1"):
+        allocate(gains, shapes, 4.0, base)
+    assert PROBE.label == "8g32"
+
+
+def test_export_under_a_bits_budget(wide_model_dir, tmp_path):
+    out = export_gptq(wide_model_dir, tmp_path / "budget", GPTQOptions(group_size=128, desc_act=False), **SMALL,
+                      bits_budget=5.0)
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    alloc = json.loads((out / "manifest.json").read_text())["format_options"]["allocation"]
+    assert qconfig["dynamic"] and all(v == {"bits": 8, "group_size": 32} for v in qconfig["dynamic"].values())
+    assert alloc["average_bits"] <= 5.0 and alloc["sensitivity"]["bits_budget"] == 5.0
+    assert len(alloc["sensitivity"]["raised"]) == len(qconfig["dynamic"])
+

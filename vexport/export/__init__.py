@@ -42,7 +42,7 @@ def export(model: str | os.PathLike, output: str | os.PathLike, format: str | No
         return export_gptq(model, output, options.solver(), value_calibration=options.value_calibration,
                            calibration=options.calibration, samples=options.samples, seq_len=options.seq_len,
                            seed=options.seed, device=options.device, force=force, allow_pickle=options.allow_pickle,
-                           progress=progress)
+                           progress=progress, bits_budget=options.bits_budget)
     from vexport.export.tensorrt_chain import build_engine
 
     return build_engine(model, output, profile=options.profile, fp16=options.fp16,

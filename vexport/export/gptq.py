@@ -29,8 +29,11 @@ log = logging.getLogger(__name__)
 def export_gptq(model: str | os.PathLike, output: str | os.PathLike, options: GPTQOptions = GPTQOptions(), *,
                 value_calibration: bool = True, calibration: str | os.PathLike | None = None, samples: int = 128,
                 seq_len: int = 512, seed: int = 0, device: str | None = None, force: bool = False,
-                allow_pickle: bool = False, progress: bool = False) -> Path:
-    """Quantize every decoder Linear of MODEL to int4 with GPTQ and write a GPTQ v1 checkpoint to OUTPUT."""
+                allow_pickle: bool = False, progress: bool = False, bits_budget: float | None = None) -> Path:
+    """Quantize every decoder Linear of MODEL to int4 with GPTQ and write a GPTQ v1 checkpoint to OUTPUT.
+
+    ``bits_budget`` (average stored bits per decoder Linear weight) allocates 8-bit g32 to the Linear groups
+    whose value sensitivity pays most per bit (quant/sensitivity.py), as a ``dynamic`` plan."""
     from vexport.calibration import calibration_samples
     from vexport.quant.checkpoint import ShardWriter, gptq_quantization_config, write_gptq_config
 
@@ -40,10 +43,17 @@ def export_gptq(model: str | os.PathLike, output: str | os.PathLike, options: GP
     source = open_model(model, allow_pickle=allow_pickle)
     if source.pickle:
         raise VexportError(f"{source.path}: GPTQ export streams safetensors shards; convert the pickle weights first")
+    if bits_budget is not None and options.dynamic:
+        raise VexportError("--bits-budget chooses the per-module plan itself: give it or --dynamic, not both")
+    if bits_budget is not None and not (isinstance(bits_budget, (int, float)) and 0 < bits_budget < 64):
+        raise VexportError(f"--bits-budget {bits_budget} must be a number of bits per weight, e.g. 4.6")
     alloc = _allocation(source, options)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokens = calibration_samples(_tokenizer(source), path=calibration, samples=samples, seq_len=seq_len, seed=seed,
                                  max_length=source.config.max_position_embeddings)
+    if bits_budget is not None:
+        options, sensitivity = _budget_plan(source, tokens, options, bits_budget, device)
+        alloc = {**_allocation(source, options), "sensitivity": sensitivity}
     qconfig = gptq_quantization_config(options.bits, options.group_size, options.desc_act, options.sym,
                                        options.dynamic)
     if value_calibration:  # each Linear fitted to the float model's outputs, then the head refit
@@ -80,6 +90,24 @@ def _check_options(options: GPTQOptions) -> None:
         raise VexportError(f"--bits {options.bits} is not supported: GPTQ export writes 4- or 8-bit checkpoints")
     if options.group_size != -1 and (options.group_size < 8 or options.group_size % 8):
         raise VexportError(f"--group-size {options.group_size} must be -1 (per channel) or a multiple of 8")
+
+
+def _budget_plan(source: ModelSource, tokens, options: GPTQOptions, budget: float, device) -> tuple[GPTQOptions, dict]:
+    """OPTIONS with the ``dynamic`` plan BUDGET allows (RTN value-sensitivity probes on the calibration windows),
+    and what the manifest records of it."""
+    from vexport.quant.checkpoint import linear_prefixes
+    from vexport.quant.sensitivity import PROBE, allocate, dynamic_for, value_sensitivity
+
+    model = source.load_torch(dtype=torch.float32).to(device).eval()
+    baseline, gains = value_sensitivity(model, tokens.to(device), options.base)
+    del model
+    shapes = {prefix: tuple(source.tensors[f"{prefix}.weight"][2])
+              for layer in range(source.config.num_hidden_layers) for prefix in linear_prefixes(layer)}
+    raised = allocate(gains, shapes, budget, options.base)
+    log.info("--bits-budget %s: %d of %d Linear groups at %s", budget, len(raised), len(gains), PROBE.label)
+    record = {"bits_budget": budget, "probe": PROBE.label, "rtn_value_sqnr_db": round(baseline, 3),
+              "gain_db": {unit: round(gain, 3) for unit, gain in gains.items()}, "raised": raised}
+    return dataclasses.replace(options, dynamic=dynamic_for(raised) or None), record
 
 
 def _allocation(source: ModelSource, options: GPTQOptions) -> dict:

@@ -71,6 +71,9 @@ class GPTQOptions:
     dynamic: Any = setting(None, "per-module plan: a JSON file of GPTQModel `dynamic` overrides ('+:REGEX': "
                            "{bits, group_size}, '-:REGEX': {} left float16), matched on full module names.",
                            cli_type=os.PathLike)
+    bits_budget: float | None = setting(None, "average stored bits per decoder Linear weight (4-bit g128 is "
+                                        "4.16): 8-bit g32 where the value sensitivity pays most per bit.",
+                                        cli_type=float)
 
     def solver(self) -> "stream.GPTQOptions":
         """The quantizer's own settings (``vexport.quant.stream.GPTQOptions``); ``dynamic`` read and checked."""
