@@ -343,4 +343,3 @@ def test_export_under_a_bits_budget(wide_model_dir, tmp_path):
     assert qconfig["dynamic"] and all(v == {"bits": 8, "group_size": 32} for v in qconfig["dynamic"].values())
     assert alloc["average_bits"] <= 5.0 and alloc["sensitivity"]["bits_budget"] == 5.0
     assert len(alloc["sensitivity"]["raised"]) == len(qconfig["dynamic"])
-
