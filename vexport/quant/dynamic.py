@@ -71,6 +71,9 @@ def check_dynamic(dynamic: Any, where: str) -> dict[str, dict[str, Any]]:
         for name in ("bits", "group_size"):
             if name in overrides and (not isinstance(overrides[name], int) or isinstance(overrides[name], bool)):
                 raise InputError(f"{where}: dynamic[{key!r}].{name} must be an integer, got {overrides[name]!r}")
+        for name in ("sym", "desc_act"):
+            if name in overrides and not isinstance(overrides[name], bool):
+                raise InputError(f"{where}: dynamic[{key!r}].{name} must be true or false, got {overrides[name]!r}")
         checked[key] = dict(overrides)
     return checked
 
