@@ -95,8 +95,9 @@ def test_is_gptq_config(tiny_model_dir, gptq_dir):
     assert not is_gptq_config({"quantization_config": {"quant_method": "awq"}}) and not is_gptq_config({})
     with pytest.raises(VexportError, match="checkpoint_format 'gptq_v2'"):
         gptq_options({"quantization_config": {**EXPECTED_QCONFIG, "checkpoint_format": "gptq_v2"}})
-    with pytest.raises(VexportError, match="bits 8"):
-        gptq_options({"quantization_config": {**EXPECTED_QCONFIG, "bits": 8}})
+    with pytest.raises(VexportError, match="bits 3"):
+        gptq_options({"quantization_config": {**EXPECTED_QCONFIG, "bits": 3}})
+    assert gptq_options({"quantization_config": {**EXPECTED_QCONFIG, "bits": 8}})["bits"] == 8  # 8 is read too
     with pytest.raises(VexportError, match="--bits 3"):
         gptq_quantization_config(3, 128, False, True)
 
