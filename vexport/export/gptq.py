@@ -25,6 +25,9 @@ from vexport.quant.value_aware import Head, choose_and_fit, rms_norm
 
 log = logging.getLogger(__name__)
 
+# Calibration windows the --bits-budget probes run on (each of the 4 L + 2 probes is one forward over them)
+SENSITIVITY_WINDOWS = 16
+
 
 def export_gptq(model: str | os.PathLike, output: str | os.PathLike, options: GPTQOptions = GPTQOptions(), *,
                 value_calibration: bool = True, calibration: str | os.PathLike | None = None, samples: int = 128,
@@ -99,7 +102,7 @@ def _budget_plan(source: ModelSource, tokens, options: GPTQOptions, budget: floa
     from vexport.quant.sensitivity import PROBE, allocate, dynamic_for, value_sensitivity
 
     model = source.load_torch(dtype=torch.float32).to(device).eval()
-    baseline, gains = value_sensitivity(model, tokens.to(device), options.base)
+    baseline, gains = value_sensitivity(model, tokens[:SENSITIVITY_WINDOWS].to(device), options.base)
     del model
     shapes = {prefix: tuple(source.tensors[f"{prefix}.weight"][2])
               for layer in range(source.config.num_hidden_layers) for prefix in linear_prefixes(layer)}
