@@ -116,7 +116,8 @@ def test_every_endpoint_gives_load_values(model, http, client):
     np.testing.assert_allclose(client.values(padded, mask).numpy(), model.values(padded, mask).numpy(), **TOL)
     np.testing.assert_allclose(client.sequence_values(padded, mask).numpy(),
                                [e[-1] for e in expected], **TOL)
-    np.testing.assert_allclose(client.rewards(batch), [e[-1] for e in expected], **TOL)
+    bare = [alone(model, tok(t, add_special_tokens=False)["input_ids"])[-1] for t in batch]  # as serve_rm.py
+    np.testing.assert_allclose(client.rewards(batch), bare, **TOL)
 
     check_vllm(http, batch, ids, expected, chat, chat_ids, model)
     check_groups(http, client, model, batch, ids)
@@ -166,7 +167,7 @@ def check_groups(http, client, model, batch, ids):
     np.testing.assert_allclose(last.json()["values"], [w[-1] for w in want], atol=1e-4, rtol=1e-4)
 
 
-def test_openrlhf_and_vllm_requests_equal_offline_vexport_score(tiny_model_dir, http, tmp_path):
+def test_openrlhf_and_vllm_requests_equal_offline_vexport_score(tiny_model_dir, model, http, tmp_path):
     from vexport.scoring import read_scores, score
 
     queries = texts(12, seed=2)
@@ -175,11 +176,13 @@ def test_openrlhf_and_vllm_requests_equal_offline_vexport_score(tiny_model_dir, 
     score(tiny_model_dir, tmp_path / "rows.jsonl", tmp_path / "scores", per_token=True)
     offline = read_scores(tmp_path / "scores")
 
-    # OpenRLHF's remote reward model call, as its trainer sends it
+    # OpenRLHF's remote reward model call, as its trainer sends it: tokenized as serve_rm.py does, without the
+    # bos the text rows get (tests/test_serve_openrlhf.py drives OpenRLHF's own client)
     reward = http.post("/get_reward", json={"query": queries, "prompts": queries, "labels": [None] * 12}).json()
     assert set(reward) == {"rewards", "scores", "extra_logs"} and reward["scores"] == reward["rewards"]
-    np.testing.assert_allclose(reward["rewards"], offline["value"].to_numpy(), **TOL)
-    assert reward["extra_logs"]["num_tokens"] == offline["num_tokens"].to_pylist()
+    bare = [model.tokenizer(q, add_special_tokens=False)["input_ids"] for q in queries]
+    np.testing.assert_allclose(reward["rewards"], [alone(model, ids)[-1] for ids in bare], **TOL)
+    assert reward["extra_logs"]["num_tokens"] == [n - 1 for n in offline["num_tokens"].to_pylist()]
 
     # vLLM's pooling call for a token classifier
     pooled = http.post("/pooling", json={"model": "value", "input": queries, "task": "token_classify"}).json()

@@ -401,6 +401,15 @@ def serve(
     session_ttl_s: Annotated[float, typer.Option("--session-ttl-s", help="Idle seconds to expiry.")] = 600.0,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda if present).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads per model.")] = None,
+    key_in_url: Annotated[bool, typer.Option("--key-in-url", help="Also take the API key as ?api_key=KEY in the "
+                                             "URL, for clients that send no headers (OpenRLHF); see README.")] = False,
+    reward_max_len: Annotated[Optional[int], typer.Option("--reward-max-len", help="/get_reward: cut queries to "
+                                                          "this many tokens (default: 2048, as serve_rm.py).")] = None,
+    reward_overlong: Annotated[str, typer.Option("--reward-overlong", help="/get_reward over --reward-max-len: "
+                                                 "truncate (as serve_rm.py) or refuse (400).")] = "truncate",
+    reward_normalize: Annotated[bool, typer.Option(
+        "--reward-normalize", help="/get_reward: (reward - mean) / std from config.json, as serve_rm.py "
+                                   "--reward.normalize_enable.")] = False,
 ):
     """Serve MODEL's values over HTTP: OpenRLHF /get_reward, vLLM /pooling and /classify, /v1/... (see README)."""
     from vexport.serve import require_serve
@@ -412,7 +421,8 @@ def serve(
     options = ServeOptions(host=host, port=port, api_key=api_key, batch_tokens=batch_tokens, max_wait_ms=max_wait_ms,
                            max_queue_tokens=max_queue_tokens, max_length=max_length, engine=engine, replicas=replicas,
                            ray_address=ray_address, session_memory_mb=session_memory_mb, session_ttl_s=session_ttl_s,
-                           device=device, threads=threads)
+                           device=device, threads=threads, key_in_url=key_in_url, reward_max_len=reward_max_len,
+                           reward_overlong=reward_overlong, reward_normalize=reward_normalize)
     server = Server.prepare(model, options)
     out.print(f"serving {model} on {server.url} ({engine} engine); SIGTERM or Ctrl-C drains and stops",
               highlight=False, soft_wrap=True)

@@ -11,7 +11,6 @@ the server has one.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import time
 
@@ -21,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from vexport.errors import VexportError
+from vexport.serve.auth import KeyCheck
 from vexport.serve.batcher import QueueFull
 from vexport.serve.engine import EngineUnavailable
 from vexport.serve.metrics import Metrics
@@ -30,8 +30,6 @@ from vexport.serve.schemas import (AdvanceRequest, ClassifyRequest, GroupRequest
 from vexport.serve.sessions import SessionGone, SessionNotFound
 
 log = logging.getLogger(__name__)
-
-OPEN_PATHS = ("/health", "/ready")
 
 
 def create_app(engine, encoder, options, metrics: Metrics | None = None) -> FastAPI:
@@ -51,7 +49,8 @@ def create_app(engine, encoder, options, metrics: Metrics | None = None) -> Fast
     app = FastAPI(title="vexport serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     _routes(app, api, engine, options, metrics)
     _errors(app)
-    app.add_middleware(_Gate, api_key=options.api_key, metrics=metrics,
+    auth = KeyCheck(options.api_key, options.key_in_url, metrics.auth_refused)
+    app.add_middleware(_Gate, auth=auth, metrics=metrics,
                        max_body=int(options.max_body_mb * (1 << 20)))
     return app
 
@@ -162,8 +161,8 @@ def _field_name(parts) -> str | None:
 class _Gate:
     """ASGI middleware: the API key, a body size cap, and per-endpoint request counts and latency."""
 
-    def __init__(self, app, api_key: str | None, metrics: Metrics, max_body: int):
-        self.app, self.api_key, self.metrics, self.max_body = app, api_key, metrics, max_body
+    def __init__(self, app, auth: KeyCheck, metrics: Metrics, max_body: int):
+        self.app, self.auth, self.metrics, self.max_body = app, auth, metrics, max_body
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -188,12 +187,9 @@ class _Gate:
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
     def _refusal(self, scope) -> RequestError | None:
+        if (refused := self.auth.refusal(scope)) is not None:
+            return refused
         headers = dict(scope.get("headers") or ())
-        if self.api_key and scope["path"] not in OPEN_PATHS:
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                return RequestError(401, "Authorization", "missing or wrong API key: send the header "
-                                                          "'Authorization: Bearer KEY'", {"WWW-Authenticate": "Bearer"})
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             return RequestError(413, "body", f"the body is {int(length)} bytes, over --max-body-mb "

@@ -30,6 +30,11 @@ class ServeOptions:
     threads: int | None = None
     model_name: str | None = None  # the name /v1/models and the vLLM responses give; default: MODEL as given
     max_body_mb: float = 64.0
+    key_in_url: bool = False  # also take the API key as ?api_key=KEY (auth.py)
+    reward_max_len: int | None = None  # /get_reward: queries cut to this many tokens (openrlhf.py)
+    reward_overlong: str = "truncate"  # or "refuse"
+    reward_normalize: bool = False  # (reward - config.mean) / config.std
+    reward_mean_std: tuple[float, float] | None = None  # set from the model's config by openrlhf.resolve
 
     def resolved(self, model: str, max_positions: int | None) -> "ServeOptions":
         """Defaults filled in from MODEL and the environment; every flag checked."""

@@ -23,8 +23,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from vexport.serve.batcher import QueueFull
+from vexport.serve.openrlhf import RewardEndpoint
 from vexport.serve.schemas import (AdvanceRequest, ClassifyRequest, GroupRequest, PoolingRequest, RequestError,
-                                   RewardRequest, ScoreRequest, SessionRequest, ValuesRequest)
+                                   ScoreRequest, SessionRequest, ValuesRequest)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class Api:
 
     def __init__(self, engine, encoder, options, metrics):
         self.engine, self.encoder, self.options, self.metrics = engine, encoder, options, metrics
+        self.get_reward = RewardEndpoint(self).get_reward  # OpenRLHF (openrlhf.py)
 
     # --- scoring through the batcher, dropped if the client goes away ---
     async def score(self, request: Request, field: str, sequences: list[list[int]]) -> list[np.ndarray]:
@@ -57,13 +59,6 @@ class Api:
     async def tokenize(self, fn, *args):
         """Tokenize in a thread, so the event loop keeps taking requests."""
         return await asyncio.to_thread(fn, *args)
-
-    # --- OpenRLHF ---
-    async def get_reward(self, request: Request, body: RewardRequest):
-        sequences = await self.tokenize(self.encoder.texts, "query", body.query)
-        rewards = [float(v[-1]) for v in await self.score(request, "query", sequences)]
-        return JSONResponse({"rewards": rewards, "scores": rewards,
-                             "extra_logs": {"num_tokens": [len(s) for s in sequences]}})
 
     # --- vLLM ---
     async def pooling(self, request: Request, body: PoolingRequest):

@@ -23,6 +23,7 @@ class Server:
 
     @classmethod
     def prepare(cls, model: str, options: ServeOptions) -> "Server":
+        from vexport.serve import openrlhf
         from vexport.serve.app import create_app
         from vexport.serve.inputs import Encoder
         from vexport.serve.metrics import Metrics
@@ -35,6 +36,7 @@ class Server:
             engine, tokenizer, config, options = RayEngine.deploy(model, options, metrics)
         else:
             engine, tokenizer, config, options = _local_engine(model, options, metrics)
+        options = openrlhf.resolve(options, config)
         encoder = Encoder(tokenizer, config.vocab_size, options.max_length)
         app = create_app(engine, encoder, options, metrics)
         return cls(app, bind(options.host, options.port), options)
