@@ -10,7 +10,9 @@ openrlhf==0.11.2``, as .ci/run does); nothing of it is copied here. Two of its f
 - ``openrlhf/cli/serve_rm.py``: its module imports deepspeed, peft and flash-attn (a CUDA build), so it
   cannot be imported here; its ``RewardModelProxy.tokenize_fn`` is compiled from the installed file's source
   and run on its own tokenizer (``get_tokenizer``): the tokenization the rewards must equal.
-OpenRLHF sends no headers, so the key travels in the URL (``--key-in-url``).
+OpenRLHF sends no headers, so the key travels in the URL (``--key-in-url``). The server normalises rewards
+(``--reward-normalize``) with the mean and std in the model's config.json; ``--reward-overlong refuse`` is
+tested on tests/test_serve_vllm.py's server.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ from vexport.tiny import tiny_corpus
 KEY = "rm-key-4821"
 MAX_LEN = 64  # --reward-max-len: long queries get cut
 TOL = dict(rtol=1e-5, atol=1e-5)
+MEAN, STD = 0.25, 2.0  # --reward-normalize: (reward - mean) / std, as serve_rm.py --reward.normalize_enable
+
+
+def normalised(values) -> np.ndarray:
+    return (np.asarray(values, dtype=np.float64) - MEAN) / STD
 
 
 def openrlhf_files() -> Path:
@@ -81,7 +88,8 @@ def serve_rm_tokenize_fn():
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny value model with a chat template that starts with the bos token, as Llama's does."""
+    """The tiny value model with a chat template that starts with the bos token, as Llama's does, and the reward
+    mean and std OpenRLHF writes into config.json when it trains a reward model with normalization."""
     import shutil
 
     from transformers import AutoTokenizer
@@ -91,13 +99,15 @@ def model_dir(tiny_model_dir, tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.chat_template = "{{ bos_token }}" + TULU_CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "mean": MEAN, "std": STD}))
     return folder
 
 
 @pytest.fixture(scope="module")
 def server(model_dir):
     process = ServerProcess(model_dir, "--api-key", KEY, "--key-in-url", "--reward-max-len", str(MAX_LEN),
-                            "--max-length", "128")
+                            "--max-length", "128", "--reward-normalize")
     process.wait_ready(headers={"Authorization": f"Bearer {KEY}"})
     yield process
     process.stop()
@@ -160,7 +170,7 @@ def test_openrlhf_client_gets_the_rewards_of_vexport_score_and_serve_rm_tokeniza
             for q, a in pairs]
     (tmp_path / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     score(model_dir, tmp_path / "chats.jsonl", tmp_path / "scores")
-    np.testing.assert_allclose(rewards, read_scores(tmp_path / "scores")["value"].to_numpy(), **TOL)
+    np.testing.assert_allclose(rewards, normalised(read_scores(tmp_path / "scores")["value"].to_numpy()), **TOL)
 
     # serve_rm.py's own tokenization of the queries OpenRLHF sent, through the model (left padded)
     queries = [tokenizer.decode(o["observation_tokens"], skip_special_tokens=False) for o in outputs]
@@ -168,7 +178,7 @@ def test_openrlhf_client_gets_the_rewards_of_vexport_score_and_serve_rm_tokeniza
     bos = (batch["input_ids"] == tokenizer.bos_token_id) & (batch["attention_mask"] == 1)
     assert bos.sum(dim=1).tolist() == [1] * 6  # the template's bos only: none added on top
     values = model.values(batch["input_ids"], batch["attention_mask"])[:, -1].numpy()
-    np.testing.assert_allclose(rewards, values, **TOL)
+    np.testing.assert_allclose(rewards, normalised(values), **TOL)
     assert [len(ids) for ids in tokenizer(queries, add_special_tokens=False)["input_ids"]] == \
         [o["extra_logs"]["num_tokens"][0] for o in outputs]
 
@@ -184,7 +194,7 @@ def test_long_queries_are_cut_as_serve_rm_cuts_them_and_counted(server, model, m
     assert body["extra_logs"]["num_tokens"] == [MAX_LEN, MAX_LEN, lengths[2]]
     batch = serve_rm_tokenize_fn()(types.SimpleNamespace(tokenizer=tokenizer, max_length=MAX_LEN), queries, "cpu")
     values = model.values(batch["input_ids"], batch["attention_mask"])[:, -1].numpy()
-    np.testing.assert_allclose(body["rewards"], values, **TOL)
+    np.testing.assert_allclose(body["rewards"], normalised(values), **TOL)
     metrics = httpx.get(f"{server.url}/metrics", headers=auth).text
     assert metric(metrics, "vexport_reward_truncated_total") >= 2
 
@@ -209,3 +219,16 @@ def test_refused_requests_are_logged_without_the_key_and_counted(server):
 def metric(text: str, name: str) -> float:
     match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
     return float(match.group(1)) if match else 0.0
+
+
+def test_reward_options_are_checked_by_flag():
+    from vexport.errors import VexportError
+    from vexport.serve.config import ServeOptions
+    from vexport.serve.openrlhf import resolve
+
+    options = ServeOptions(max_length=128)
+    assert resolve(options, types.SimpleNamespace()).reward_max_len == 128  # 2048 capped at --max-length
+    for bad, flag in ((dict(reward_max_len=129), "--reward-max-len"), (dict(reward_overlong="cut"), "--reward-overlong"),
+                      (dict(reward_normalize=True), "--reward-normalize")):
+        with pytest.raises(VexportError, match=flag):
+            resolve(ServeOptions(max_length=128, **bad), types.SimpleNamespace(mean=None))
