@@ -41,6 +41,24 @@ class Encoder:
                    for ids, over in zip(encoded, cut)]
         return [self._check_length(f"{field}[{i}]", ids) for i, ids in enumerate(encoded)], cut
 
+    def raw_texts(self, field: str, texts: Sequence[str], special_tokens: bool) -> list[list[int]]:
+        """Token ids of TEXTS, checked as text but not yet for length (the caller cuts them, then ``checked``)."""
+        return self._encode(field, texts, special_tokens, allow_empty=False)
+
+    def checked(self, field: str, ids: list[int]) -> list[int]:
+        return self._check_length(field, ids)
+
+    def template_text(self, field: str, turns: list[dict], chat_template: str | None, options: dict) -> str:
+        """The chat rendered by CHAT_TEMPLATE (default: the tokenizer's) with OPTIONS, as text (vLLM's way)."""
+        for i, turn in enumerate(turns):
+            self._check_text(f"{field}[{i}].content", turn["content"], allow_empty=True)
+        with self._lock:
+            try:
+                return self.tokenizer.apply_chat_template(turns, chat_template=chat_template, tokenize=False,
+                                                          **options)
+            except Exception as exc:  # jinja and transformers raise their own types
+                raise RequestError(400, field, f"{field}: the chat template failed ({_line(exc)})") from None
+
     def _encode(self, field: str, texts: Sequence[str], special_tokens: bool, allow_empty: bool) -> list[list[int]]:
         for i, text in enumerate(texts):
             self._check_text(f"{field}[{i}]", text, allow_empty=allow_empty)
@@ -75,11 +93,14 @@ class Encoder:
         return [self.one_ids(f"{field}[{i}]", row) for i, row in enumerate(rows)]
 
     def one_ids(self, field: str, row: Sequence[int]) -> list[int]:
+        return self._check_length(field, self.vocab_checked(field, row))
+
+    def vocab_checked(self, field: str, row: Sequence[int]) -> list[int]:
         for j, token in enumerate(row):
             if not 0 <= token < self.vocab_size:
                 raise RequestError(400, f"{field}[{j}]", f"{field}[{j}] is token id {token}, outside the "
                                                          f"vocabulary [0, {self.vocab_size})")
-        return self._check_length(field, list(row))
+        return list(row)
 
     def check_total(self, field: str, tokens: int) -> None:
         if tokens > self.max_length:
