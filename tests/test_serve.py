@@ -41,7 +41,7 @@ MAX_LENGTH, QUEUE_TOKENS = 256, 3000
 def server(tiny_model_dir):
     process = ServerProcess(tiny_model_dir, "--api-key", KEY, "--max-length", str(MAX_LENGTH),
                             "--max-queue-tokens", str(QUEUE_TOKENS), "--session-memory-mb", "0.25",
-                            "--max-wait-ms", "5")
+                            "--max-wait-ms", "5", "--half-close", "drop")  # a client's end-of-file drops it
     process.wait_ready()
     yield process
     process.stop()

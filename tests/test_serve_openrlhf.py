@@ -228,7 +228,7 @@ def test_reward_options_are_checked_by_flag():
 
     options = ServeOptions(max_length=128)
     assert resolve(options, types.SimpleNamespace()).reward_max_len == 128  # 2048 capped at --max-length
-    for bad, flag in ((dict(reward_max_len=129), "--reward-max-len"), (dict(reward_overlong="cut"), "--reward-overlong"),
-                      (dict(reward_normalize=True), "--reward-normalize")):
+    for bad, flag in ((dict(reward_max_len=129), "--reward-max-len"),
+                      (dict(reward_overlong="cut"), "--reward-overlong"), (dict(reward_normalize=True), "--reward-normalize")):
         with pytest.raises(VexportError, match=flag):
             resolve(ServeOptions(max_length=128, **bad), types.SimpleNamespace(mean=None))

@@ -192,3 +192,27 @@ def test_reward_overlong_refuse_keeps_the_400(http, model):
     response = http.post("/get_reward", json={"query": ["A cat.", TEXTS[1]]})
     error = response.json()["error"]
     assert response.status_code == 400 and error["field"] == "query[1]" and "--reward-max-len 16" in error["message"]
+
+
+def test_a_client_that_half_closes_after_its_request_gets_the_answer(server, model):
+    """``shutdown(SHUT_WR)`` after a complete request (``--half-close answer``, the default)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(server.url)
+    for path, payload in (("/pooling", {"input": TEXTS[0]}), ("/get_reward", {"query": [TEXTS[0]]})):
+        body = json.dumps(payload).encode()
+        request = (f"POST {path} HTTP/1.1\r\nHost: {url.hostname}\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+            sock.sendall(request)
+            sock.shutdown(socket.SHUT_WR)
+            answer = b""
+            while chunk := sock.recv(65536):  # the server closes after answering
+                answer += chunk
+        head, _, content = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), answer[:300]
+        got = json.loads(content)
+        want = alone(model, model.tokenizer(TEXTS[0], add_special_tokens=path == "/pooling")["input_ids"])
+        value = got["data"][0]["data"][-1][0] if path == "/pooling" else got["rewards"][0]
+        np.testing.assert_allclose(value, want[-1], **TOL)

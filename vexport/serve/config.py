@@ -35,6 +35,7 @@ class ServeOptions:
     reward_overlong: str = "truncate"  # or "refuse"
     reward_normalize: bool = False  # (reward - config.mean) / config.std
     reward_mean_std: tuple[float, float] | None = None  # set from the model's config by openrlhf.resolve
+    half_close: str = "answer"  # or "drop" (protocol.py)
 
     def resolved(self, model: str, max_positions: int | None) -> "ServeOptions":
         """Defaults filled in from MODEL and the environment; every flag checked."""
@@ -54,6 +55,8 @@ class ServeOptions:
                        model_name=self.model_name or str(model))
 
     def check(self) -> None:
+        if self.half_close not in ("answer", "drop"):
+            raise VexportError(f"--half-close must be answer or drop, got {self.half_close!r}")
         if self.engine not in ENGINES:
             raise VexportError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.engine == "local" and (self.replicas is not None or self.ray_address is not None):

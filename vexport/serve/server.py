@@ -49,8 +49,10 @@ class Server:
     def run(self) -> None:
         import uvicorn
 
+        from vexport.serve.protocol import http_protocol
+
         config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="on",
-                                timeout_graceful_shutdown=None)
+                                timeout_graceful_shutdown=None, http=http_protocol(self.options.half_close))
         # uvicorn drains on SIGTERM, then re-raises it to the handler it found: make that one return, so a
         # drained server exits 0 (SIGINT keeps Python's KeyboardInterrupt)
         previous = signal.signal(signal.SIGTERM, _drained)
