@@ -389,10 +389,13 @@ def test_the_trained_value_model_serves_its_load_values(tmp_path_factory):
             body = http.post("/v1/values", json={"texts": queries}).json()
             for got, seq in zip(body["values"], ids, strict=True):
                 np.testing.assert_allclose(got, alone(model, seq), rtol=1e-4, atol=1e-4)
+            tok = model.tokenizer  # /get_reward as serve_rm.py, /pooling's chat as vLLM renders it
             rewards = http.post("/get_reward", json={"query": queries}).json()["rewards"]
-            np.testing.assert_allclose(rewards, [alone(model, s)[-1] for s in ids], rtol=1e-4, atol=1e-4)
+            bare = [tok(q, add_special_tokens=False)["input_ids"] for q in queries]
+            np.testing.assert_allclose(rewards, [alone(model, s)[-1] for s in bare], rtol=1e-4, atol=1e-4)
             pooled = http.post("/pooling", json={"messages": chat}).json()["data"][0]["data"]
-            want = alone(model, encode(model.tokenizer, render(model.tokenizer, chat[:1], queries[1])))
+            want = alone(model, tok(tok.apply_chat_template(chat, tokenize=False), add_special_tokens=False)[
+                "input_ids"])
             np.testing.assert_allclose(np.asarray(pooled)[:, 0], want, rtol=1e-4, atol=1e-4)
     finally:
         assert process.stop() == 0
