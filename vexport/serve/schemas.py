@@ -1,8 +1,10 @@
 """Request bodies of every endpoint (pydantic), and the error every rejected request gets.
 
 Types are strict (``"1"`` is not a token id, ``1.0`` is not an int). The vexport endpoints (``/v1/...``) refuse
-unknown fields, so a typo is named rather than ignored; the OpenRLHF and vLLM endpoints ignore fields they do
-not use, as those servers do. A rejected request answers ``{"error": {"message", "type", "field", "code"}}``.
+unknown fields, so a typo is named rather than ignored; the OpenRLHF and vLLM endpoints ignore fields those
+servers do not know, as they do, and the vLLM models list every field of vLLM's own (vllm.py honours or
+refuses each). A rejected request answers ``{"error": {"message", "type", "field", "code"}}``; on the vLLM
+endpoints vLLM's ``{"error": {"message", "type", "param", "code"}}`` (vllm.py).
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ done with vLLM's meaning or refused with a 400 naming it; fields vLLM does not k
 - Refused: ``dimensions``, ``normalize`` (removed from vLLM), ``priority`` other than 0, ``padding:
   max_length``, ``mm_processor_kwargs``/``media_io_kwargs`` (a text model), chat fields beside ``input``.
 Refusals answer vLLM's body, ``{"error": {"message", "type", "param", "code"}}``, with vLLM's 400 for a schema
-error where vexport's own endpoints answer 422.
+error where vexport's own endpoints answer 422 (a full queue 429 and a lost replica 503 too; a missing API key
+or an oversized body is refused before the endpoint, in vexport's body).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
+from vexport.serve.batcher import QueueFull
+from vexport.serve.engine import EngineUnavailable
 from vexport.serve.schemas import ClassifyRequest, PoolingRequest, RequestError
 
 POOLING_TASKS = ("token_classify", "classify")
@@ -69,6 +72,10 @@ class VllmEndpoints:
             rows = await self.api.score(request, "input" if body.input is not None else "messages", sequences)
         except RequestError as error:
             return error_response(error)
+        except QueueFull as exc:
+            return error_response(RequestError(429, None, str(exc), {"Retry-After": str(exc.retry_after)}))
+        except EngineUnavailable as exc:
+            return error_response(RequestError(503, None, str(exc), {"Retry-After": "1"}))
         request_id = request.headers.get("x-request-id") or body.request_id or uuid.uuid4().hex
         envelope = {"id": f"{kind}-{request_id}", "object": "list", "created": int(time.time()),
                     "model": self.api.options.model_name}
