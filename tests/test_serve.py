@@ -240,7 +240,7 @@ BAD_REQUESTS = [  # (path, body (bytes: sent raw), status, field)
     ("/v1/sessions", {"prompt_ids": [1000]}, 400, "prompt_ids[0]"),
     ("/v1/sessions/nope/advance", {"tokens": [5]}, 404, "session_id"),
     ("/v1/sessions/nope/score", {"candidates": []}, 422, "candidates"),
-    ("/no/such/path", {}, 404, None),
+    ("/no/such/path", {}, 404, "path"),
 ]
 
 

@@ -34,6 +34,7 @@ from vexport.serve.sessions import SessionGone, SessionNotFound, SessionRefused
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = ("/health", "/ready")
+_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)}
 
 
 def create_app(engine, encoder, options, metrics: Metrics | None = None) -> FastAPI:
@@ -50,7 +51,7 @@ def create_app(engine, encoder, options, metrics: Metrics | None = None) -> Fast
         finally:
             await engine.stop()
 
-    app = FastAPI(title="vexport serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="vexport serve", lifespan=lifespan, docs_url=None, redoc_url=None, redirect_slashes=False)
     _routes(app, api, engine, options, metrics)
     _errors(app)
     app.add_middleware(_Gate, api_key=options.api_key, metrics=metrics,
@@ -126,6 +127,9 @@ def _errors(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
+        if exc.status_code in (404, 405):  # routing: no endpoint here, or not with this method
+            message = f"path {request.url.path}: {exc.detail} for {request.method}"
+            return _as_json(RequestError(exc.status_code, "path", message, dict(exc.headers or {})))
         return _as_json(RequestError(exc.status_code, None, str(exc.detail), dict(exc.headers or {})))
 
     @app.exception_handler(Exception)
@@ -139,9 +143,10 @@ def _as_json(error: RequestError) -> JSONResponse:
 
 
 def _encodable(value):
-    """VALUE with every string made encodable as UTF-8: a lone surrogate becomes the text ``\\ud800``."""
+    """VALUE with every string one encodable line: a lone surrogate becomes the text ``\\ud800``, a control
+    character (a newline, a NUL) ``\\x0a``."""
     if isinstance(value, str):
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value.translate(_CONTROLS).encode("utf-8", "backslashreplace").decode("utf-8")
     if isinstance(value, dict):
         return {_encodable(k): _encodable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
