@@ -406,3 +406,14 @@ def test_a_small_request_is_answered_while_a_large_one_runs(server, http, rss, p
     print(f"{path}: the small request waited {(done['small'] - sent) * 1000:.0f} ms; the large one took "
           f"{(done['large'] - start) * 1000:.0f} ms")
     assert done["small"] < done["large"], done
+
+
+# --- parse errors name their field ---
+@pytest.mark.parametrize("path", ["/v1/values", "/v1/groups", "/v1/sessions", "/get_reward", "/pooling"])
+@pytest.mark.parametrize("raw", [b"", b"null", b"[]", b'"text"', b"\xff\xfe{", b'{"texts": ["a"]', b"{} {}",
+                                 b'{"texts": ["a"]}\x00', b"{" * 5000], ids=repr)
+def test_a_body_that_does_not_parse_is_a_4xx_naming_body(http, path, raw):
+    response = http.post(path, content=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code in (400, 422), response.text
+    message, field = _error(response)
+    assert field == "body" and "\n" not in message, response.text

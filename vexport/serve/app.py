@@ -130,6 +130,9 @@ def _errors(app: FastAPI) -> None:
         if exc.status_code in (404, 405):  # routing: no endpoint here, or not with this method
             message = f"path {request.url.path}: {exc.detail} for {request.method}"
             return _as_json(RequestError(exc.status_code, "path", message, dict(exc.headers or {})))
+        if exc.status_code == 400:  # FastAPI could not read the body (not UTF-8, say)
+            message = f"body: {exc.detail} (a request body is one JSON object, UTF-8)"
+            return _as_json(RequestError(400, "body", message, dict(exc.headers or {})))
         return _as_json(RequestError(exc.status_code, None, str(exc.detail), dict(exc.headers or {})))
 
     @app.exception_handler(Exception)
