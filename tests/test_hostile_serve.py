@@ -417,3 +417,25 @@ def test_a_body_that_does_not_parse_is_a_4xx_naming_body(http, path, raw):
     assert response.status_code in (400, 422), response.text
     message, field = _error(response)
     assert field == "body" and "\n" not in message, response.text
+
+
+def test_groups_and_session_calls_take_their_tokens_from_the_queue_bound(server, http, rss):
+    session_id = new_session(http, 4)
+    answers: list = []
+
+    def send_large():  # 19,750 tokens: with it queued, 251 more do not fit under --max-queue-tokens 20,000
+        with httpx.Client(base_url=server.url, timeout=120) as other:
+            answers.append(other.post("/v1/values", json={"input_ids": ids(79, 250), "per_token": False}))
+
+    thread = threading.Thread(target=send_large)
+    thread.start()
+    while _metric(http.get("/metrics").text, "vexport_queue_tokens") == 0 and thread.is_alive():
+        time.sleep(0.002)
+    group = http.post("/v1/groups", json={"prompt_ids": [5] * 1, "response_ids": ids(14, 250)})
+    score = http.post(f"/v1/sessions/{session_id}/score", json={"candidates": [[5]] * 400})
+    thread.join()
+    assert answers[0].status_code == 200, answers[0].text
+    for response in (group, score):
+        assert response.status_code == 429 and int(response.headers["Retry-After"]) >= 1, response.text
+        assert "--max-queue-tokens" in response.json()["error"]["message"]
+    assert http.post(f"/v1/sessions/{session_id}/score", json={"candidates": [[5]]}).status_code == 200
