@@ -412,6 +412,8 @@ def serve(
                                    "--reward.normalize_enable.")] = False,
     half_close: Annotated[str, typer.Option("--half-close", help="A client that half-closes after its request: "
                                             "answer it, or drop its request (see README).")] = "answer",
+    max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Largest request body in MiB, counted as it "
+                                               "arrives (chunked too); over it: 413.")] = 64.0,
 ):
     """Serve MODEL's values over HTTP: OpenRLHF /get_reward, vLLM /pooling and /classify, /v1/... (see README)."""
     from vexport.serve import require_serve
@@ -424,7 +426,8 @@ def serve(
                            max_queue_tokens=max_queue_tokens, max_length=max_length, engine=engine, replicas=replicas,
                            ray_address=ray_address, session_memory_mb=session_memory_mb, session_ttl_s=session_ttl_s,
                            device=device, threads=threads, key_in_url=key_in_url, reward_max_len=reward_max_len,
-                           reward_overlong=reward_overlong, reward_normalize=reward_normalize, half_close=half_close)
+                           reward_overlong=reward_overlong, reward_normalize=reward_normalize, half_close=half_close,
+                           max_body_mb=max_body_mb)
     server = Server.prepare(model, options)
     out.print(f"serving {model} on {server.url} ({engine} engine); SIGTERM or Ctrl-C drains and stops",
               highlight=False, soft_wrap=True)
