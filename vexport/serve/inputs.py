@@ -51,6 +51,7 @@ class Encoder:
     def template_text(self, field: str, turns: list[dict], chat_template: str | None, options: dict) -> str:
         """The chat rendered by CHAT_TEMPLATE (default: the tokenizer's) with OPTIONS, as text (vLLM's way)."""
         for i, turn in enumerate(turns):
+            self._check_text(f"{field}[{i}].role", turn["role"])
             self._check_text(f"{field}[{i}].content", turn["content"], allow_empty=True)
         with self._lock:
             try:

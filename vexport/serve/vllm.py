@@ -46,10 +46,12 @@ ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServe
 
 
 def error_response(error: RequestError) -> JSONResponse:
-    """vLLM's ``ErrorResponse``: the field at fault is ``param``."""
+    """vLLM's ``ErrorResponse``: the field at fault is ``param``; every string one encodable line (app.py)."""
+    from vexport.serve.app import _encodable  # app.py imports this module through routes.py
+
     kind = ERROR_TYPES.get(error.status) or HTTPStatus(error.status).phrase.replace(" ", "")
     body = {"error": {"message": error.message, "type": kind, "param": error.field, "code": error.status}}
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
+    return JSONResponse(_encodable(body), status_code=error.status, headers=error.headers)
 
 
 class VllmEndpoints:
