@@ -6,7 +6,8 @@ body over ``--max-body-mb`` or a request over a limit (admission.py) 413, a full
 ``Retry-After``, an unknown session 404, an evicted one or one lost in a restart 410, an engine replica lost
 mid-request 503 with ``Retry-After`` (the client retries). Error bodies are always encodable: a lone surrogate
 the client sent is written back escaped (``\\ud800``). ``/health`` and ``/ready`` answer without the API key,
-for probes; everything else needs ``Authorization: Bearer KEY`` when the server has one. Bodies are counted as
+for probes; everything else needs ``Authorization: Bearer KEY`` (or ``?api_key=KEY`` with ``--key-in-url``:
+auth.py) when the server has one. Bodies are counted as
 they arrive, with ``Content-Length`` or chunked, and cut at ``--max-body-mb``.
 """
 
