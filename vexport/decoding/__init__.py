@@ -4,7 +4,9 @@ shared-prompt best-of-n scoring, and decoding helpers for a Hugging Face causal-
 - ``Session`` (``model.session(prompt_ids)``): ``values``, ``score(candidates)``, ``advance(tokens)``;
 - ``score_group`` (``model.score_group(prompt_ids, responses)``): per-token values of n responses to one prompt;
 - ``forward_with_cache``: the ``past_key_values``/``use_cache`` path of ``ValueModel.__call__``;
-- ``value_guided_generate`` and ``best_of_n``: decoding with a policy that shares the value model's tokenizer.
+- ``value_guided_generate`` and ``best_of_n``: decoding with a policy that shares the value model's tokenizer;
+- ``ppo_mcts_generate``: PPO-MCTS (Liu et al. 2023), exact (the reference's search) or fast, over a
+  tree-structured KV cache (``TreeKV``).
 
 Only the torch backends (``SESSION_BACKENDS``: the fp reference and the GPTQ int4 runtime) keep a KV cache.
 """
@@ -15,16 +17,19 @@ from vexport.decoding.forward import SESSION_BACKENDS
 from vexport.decoding.generate import BestOfN, best_of_n, choose, sample_responses, value_guided_generate
 from vexport.decoding.group import score_group
 from vexport.decoding.incremental import ValueOutputWithPast, forward_with_cache
+from vexport.decoding.mcts import MCTSOutput, ppo_mcts_generate
 from vexport.decoding.session import Session
 
 __all__ = [
     "SESSION_BACKENDS",
     "BestOfN",
+    "MCTSOutput",
     "Session",
     "ValueOutputWithPast",
     "best_of_n",
     "choose",
     "forward_with_cache",
+    "ppo_mcts_generate",
     "sample_responses",
     "score_group",
     "value_guided_generate",
