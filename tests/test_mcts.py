@@ -185,6 +185,15 @@ def test_every_recorded_value_is_the_full_forward_value_in_fast_mode(models):
         torch.testing.assert_close(torch.tensor(values), full, atol=ATOL, rtol=0)
 
 
+def test_fast_mode_keeps_the_chosen_subtree_and_with_one_leaf_and_no_reuse_is_exact(models):
+    rows = prompts(seed=7)
+    exact, exact_tokens = fast_call(models, rows, 4, **SETTINGS[0])
+    plain, plain_tokens = fast_call(models, rows, 4, mode="fast", leaves=1, reuse_tree=False, **SETTINGS[0])
+    reused, _ = fast_call(models, rows, 4, mode="fast", leaves=1, **SETTINGS[0])
+    assert plain_tokens == exact_tokens and plain.forwards == exact.forwards
+    assert exact.nodes == 2 * (SETTINGS[0]["sim"] + 1) < reused.nodes  # the kept subtrees add to the new trees
+
+
 def test_kv_memory_grows_by_one_column_per_node(models):
     """Exact mode holds the prompt, the tokens so far and one column per node: never nodes x depth."""
     rows = [prompts()[0]]
