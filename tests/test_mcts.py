@@ -179,7 +179,7 @@ def test_every_recorded_value_is_the_full_forward_value_in_fast_mode(models):
     policy, value = models[:2]
     rows = prompts((7, 10), seed=5)
     out, responses = fast_call(models, rows, 6, mode="fast", leaves=4, sim=12, k=4, kl_coef=0.0)
-    assert out.forwards < 1 + 6 * 12 / 2
+    assert out.forwards <= 1 + 6 * 3  # 12 simulations, 4 leaves per forward
     for row, response, values in zip(rows, responses, out.values):
         full = value.values(torch.tensor([row + response]))[0, len(row):]
         torch.testing.assert_close(torch.tensor(values), full, atol=ATOL, rtol=0)
@@ -191,7 +191,8 @@ def test_fast_mode_keeps_the_chosen_subtree_and_with_one_leaf_and_no_reuse_is_ex
     plain, plain_tokens = fast_call(models, rows, 4, mode="fast", leaves=1, reuse_tree=False, **SETTINGS[0])
     reused, _ = fast_call(models, rows, 4, mode="fast", leaves=1, **SETTINGS[0])
     assert plain_tokens == exact_tokens and plain.forwards == exact.forwards
-    assert exact.nodes == 2 * (SETTINGS[0]["sim"] + 1) < reused.nodes  # the kept subtrees add to the new trees
+    assert reused.nodes == exact.nodes == 2 * (SETTINGS[0]["sim"] + 1)  # trees of the same size ...
+    assert reused.forwards < exact.forwards  # ... the kept nodes not run again
 
 
 def test_kv_memory_grows_by_one_column_per_node(models):

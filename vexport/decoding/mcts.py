@@ -24,12 +24,14 @@ instead of concatenating every ancestor's slice at every expansion.
 ``mode="fast"`` changes the search in two documented ways (each also a keyword of its own):
 
 - ``reuse_tree=True``: the subtree under the chosen token becomes the next token's tree, with its visit
-  counts and values, and ``sim`` more simulations are added to it: more search for the same forwards.
+  counts and values, and only the simulations it lacks are run: the tree is searched until it holds
+  ``sim`` nodes below the root, as in exact mode, but the nodes kept from the last token are not run again.
 - ``leaves=W`` (8 in fast mode): each forward of each model expands up to ``W`` leaves per prompt. The
   ``W`` selections of a forward are made one after another with a *virtual loss* (every edge on a selected
   path counts one more visit and its Q is lowered by ``virtual_loss`` until the forward is done), so they
-  spread out; a selection that reaches an edge already chosen in this forward ends the round early. The
-  ``sim`` simulations then take about ``sim / W`` forwards, and the tree differs from the sequential one.
+  spread out, and a selection passes over the edges already chosen in this forward (taking its node's next
+  best edge). The ``sim`` simulations then take about ``sim / W`` forwards, and the tree differs from the
+  sequential one.
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ class _Search:
 
     def simulate(self) -> None:
         """``sim`` new nodes per live row, up to ``plan.leaves`` per row in each forward."""
-        made = [0 if root is not None else self.settings.sim for root in self.roots]
+        made = [self.settings.sim if root is None else root.visits - 1 for root in self.roots]  # kept nodes count
         while min(made) < self.settings.sim:
             picks = [self._pick(root, min(self.plan.leaves, self.settings.sim - n)) if n < self.settings.sim
                      else [] for root, n in zip(self.roots, made)]
@@ -157,13 +159,16 @@ class _Search:
             made = [n + len(p) for n, p in zip(made, picks)]
 
     def _pick(self, root: Node, width: int) -> list[tuple[Node, int]]:
-        """Up to ``width`` unexplored edges, chosen one after another under virtual loss."""
-        picks, undo = [], []
+        """Up to ``width`` unexplored edges, chosen one after another under virtual loss, each passing over
+        the edges already chosen."""
+        picks, undo, pending = [], [], {}
         for _ in range(width):
-            node, action = select(root, self.settings.c_puct)
-            if (node, action) in picks:
+            pick = select(root, self.settings.c_puct, pending)
+            if pick is None:
                 break
-            picks.append((node, action))
+            node, action = pick
+            picks.append(pick)
+            pending.setdefault(node, set()).add(action)
             if width > 1:
                 undo += _virtual_loss(node, action, root, self.plan.virtual_loss)
         for node, action, q in reversed(undo):

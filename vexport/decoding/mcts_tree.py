@@ -87,11 +87,17 @@ class Node:
         return columns
 
 
-def select(root: Node, c_puct: float) -> tuple[Node, int]:
-    """Walk down by the highest PUCT score (first on ties) to an unexplored edge: ``(node, action)``."""
+def select(root: Node, c_puct: float, pending: dict | None = None) -> tuple[Node, int] | None:
+    """Walk down by the highest PUCT score (first on ties) to an unexplored edge: ``(node, action)``.
+    ``pending[node]``: actions already being expanded, passed over (None when every action at a node is)."""
     node = root
     while True:
-        action = int(np.argmax(node.puct(c_puct)))
+        scores = node.puct(c_puct)
+        if pending and node in pending:
+            scores[list(pending[node])] = -np.inf
+            if np.isneginf(scores).all():
+                return None
+        action = int(np.argmax(scores))
         child = node.children[action]
         if child is None:
             return node, action
