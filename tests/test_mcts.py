@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, LlamaForCausalLM
 
-from vexport.decoding import ppo_mcts_generate
+from vexport.decoding import greedy_search, ppo_mcts_generate
 from vexport.errors import InputError
 from vexport.runtime import load
 
@@ -193,6 +193,16 @@ def test_fast_mode_keeps_the_chosen_subtree_and_with_one_leaf_and_no_reuse_is_ex
     assert plain_tokens == exact_tokens and plain.forwards == exact.forwards
     assert reused.nodes == exact.nodes == 2 * (SETTINGS[0]["sim"] + 1)  # trees of the same size ...
     assert reused.forwards < exact.forwards  # ... the kept nodes not run again
+
+
+def test_fast_mode_breaks_ties_in_visits_by_the_prior(models):
+    """sim = k = leaves, no reuse: one forward expands every root child once, so every token is the tie among
+    all children, which goes to the policy's top token (greedy decoding), not the smallest token id."""
+    policy, value = models[:2]
+    rows = prompts(seed=8)
+    _, responses = fast_call(models, rows, 3, mode="fast", leaves=4, sim=4, k=4, reuse_tree=False)
+    for row, response in zip(rows, responses):
+        assert response == greedy_search(policy, value, row, max_new_tokens=3, eos_token_id=[]).response
 
 
 def test_kv_memory_grows_by_one_column_per_node(models):

@@ -31,7 +31,9 @@ instead of concatenating every ancestor's slice at every expansion.
   path counts one more visit and its Q is lowered by ``virtual_loss`` until the forward is done), so they
   spread out, and a selection passes over the edges already chosen in this forward (taking its node's next
   best edge). The ``sim`` simulations then take about ``sim / W`` forwards, and the tree differs from the
-  sequential one.
+  sequential one: one forward expands at most one new level, so a fresh root's children tend to share the
+  visits; ties in the root's visit counts then go to the higher prior (not the smaller token id). Keep
+  ``W`` well below ``sim`` (with ``W >= sim`` a fresh root's choice is the policy's top token).
 """
 
 from __future__ import annotations
@@ -190,7 +192,7 @@ class _Search:
         self.nodes = max(self.nodes, sum(_count(root) for root in self.roots if root is not None))
 
     def _child(self, root: Node, td: float) -> Node:
-        token = choose_token(root, td, self.settings.do_sample, self.settings.top_p, self.rng)
+        token = choose_token(root, td, self.settings.do_sample, self.settings.top_p, self.rng, self.plan.leaves > 1)
         return root.children[int(np.nonzero(root.evaluation.tokens == token)[0][0])]
 
     def _append(self, chosen: list[Node | None], pad_id: int) -> None:

@@ -136,13 +136,17 @@ def visit_weights(root: Node, td: float) -> np.ndarray:
     return root.child_visits.astype(np.float64) ** (1.0 / td)
 
 
-def choose_token(root: Node, td: float, do_sample: bool, top_p: float, rng: np.random.Generator | None) -> int:
-    """The most visited child's token (the smallest token id on ties, as an argmax over the vocabulary), or one
-    drawn from the visit counts to the power ``1 / td``, cut to the top-p nucleus."""
+def choose_token(root: Node, td: float, do_sample: bool, top_p: float, rng: np.random.Generator | None,
+                 ties_by_prior: bool = False) -> int:
+    """The most visited child's token (the smallest token id on ties, as an argmax over the vocabulary; with
+    ``ties_by_prior``, the highest prior), or one drawn from the visit counts to the power ``1 / td``, cut to
+    the top-p nucleus."""
     weights, tokens = visit_weights(root, td), root.evaluation.tokens
     if not do_sample:
-        best = weights.max()
-        return int(tokens[weights == best].min())
+        tied = np.flatnonzero(weights == weights.max())
+        if ties_by_prior:
+            return int(tokens[tied[np.argmax(root.evaluation.priors[tied])]])
+        return int(tokens[tied].min())
     order = np.argsort(tokens)  # over the vocabulary, as the reference's dense counts
     probs, tokens = weights[order] / weights.sum(), tokens[order]
     if top_p != 1.0:
