@@ -4,15 +4,16 @@ Builds a random value model (hidden 256, 4 layers, 1024 positions; or takes --mo
 spread evenly from 16 to 512 tokens, starts `vexport serve` as a subprocess on 127.0.0.1 and a free port, and
 prints, in this one run:
 
-1. throughput: the rows scored offline by `vexport score` (the Python verb, one process; its tokens/s with the
-   model load taken out, measured on a one-row run) against the server at saturation (64 concurrent clients,
-   one row per request, every row once), and the ratio (goal >= 0.8);
+1. throughput, in 3 alternating rounds (--rounds): the rows scored offline by `vexport score` (the Python verb,
+   one process; its tokens/s with the model load taken out, measured on a one-row run), then the server at
+   saturation (64 concurrent clients, one row per request, every row once) on /v1/values, then on OpenRLHF's
+   /get_reward; each round's server/offline ratio, and their median and range (goal >= 0.8);
 2. latency p50 / p99 of one-row requests at 1 client (LATENCY_REQUESTS sequential) and at 64 concurrent
    clients (max(128, LATENCY_REQUESTS) requests: at 64 clients the server is saturated, so this is queueing);
 3. /v1/groups (one prompt of 512 tokens, 8 responses of 64) against the same 8 sequences (prompt + response)
    sent as 8 concurrent independent /v1/values requests, GROUP_REPEATS times each, and the ratio (goal >= 3).
 
-    python scripts/bench_serve.py [--rows 256] [--latency-requests 128] [--group-repeats 5] [--model DIR]
+    python scripts/bench_serve.py [--rows 256] [--rounds 3] [--latency-requests 128] [--group-repeats 5] [--model DIR]
                                   [--max-seconds 900] [--workdir DIR] [--device cpu|cuda] [--json PATH] [--smoke]
 
 --smoke (the GPU suite's CPU rehearsal) runs every part on 16 rows and a handful of requests: no figures to read.
@@ -133,12 +134,41 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def saturation(url: str, texts: list[str]) -> dict:
-    asyncio.run(requests(url, [("/v1/values", {"texts": [t], "per_token": False}) for t in texts[:64]], 64))  # warm
-    ids = httpx.post(f"{url}/v1/values", json={"texts": texts, "per_token": False}, timeout=300).json()
-    tokens = sum(ids["num_tokens"])
-    seconds, _ = asyncio.run(requests(url, [("/v1/values", {"texts": [t], "per_token": False}) for t in texts], 64))
+def one_row(path: str, text: str) -> dict:
+    """The request body of one row: /v1/values' last-token value, or OpenRLHF's reward call."""
+    return {"query": [text]} if path == "/get_reward" else {"texts": [text], "per_token": False}
+
+
+def saturation(url: str, texts: list[str], path: str = "/v1/values", warm: bool = True) -> dict:
+    """Every row once, one row per request, from 64 concurrent clients, to PATH."""
+    if warm:
+        asyncio.run(requests(url, [(path, one_row(path, t)) for t in texts[:64]], 64))
+    if path == "/get_reward":
+        counted = httpx.post(f"{url}{path}", json={"query": texts}, timeout=300).json()["extra_logs"]
+    else:
+        counted = httpx.post(f"{url}{path}", json={"texts": texts, "per_token": False}, timeout=300).json()
+    tokens = sum(counted["num_tokens"])
+    seconds, _ = asyncio.run(requests(url, [(path, one_row(path, t)) for t in texts], 64))
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def rounds(model: Path, url: str, texts: list[str], work: Path, device: str | None, count: int = 3) -> list[dict]:
+    """COUNT rounds, each offline `vexport score`, then the server on /v1/values, then on /get_reward: the load
+    of a shared machine changes between rounds, so each ratio is taken within one round."""
+    out = []
+    for index in range(count):
+        base = offline(model, texts, work, device)
+        values = saturation(url, texts, "/v1/values", warm=index == 0)
+        reward = saturation(url, texts, "/get_reward", warm=index == 0)
+        out.append({"offline": base, "values": values, "get_reward": reward,
+                    "values_ratio": values["tokens_per_s"] / base["tokens_per_s"],
+                    "get_reward_ratio": reward["tokens_per_s"] / base["tokens_per_s"]})
+    return out
+
+
+def spread(ratios: list[float]) -> str:
+    return (f"median {statistics.median(ratios):.2f}x, range {min(ratios):.2f}x-{max(ratios):.2f}x "
+            f"(spread {max(ratios) / min(ratios):.2f})")
 
 
 def latency(url: str, texts: list[str], count: int, smoke: bool = False) -> dict:
@@ -169,6 +199,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--latency-requests", type=int, default=128)
     parser.add_argument("--group-repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating offline / server rounds")
     parser.add_argument("--model", type=Path)
     parser.add_argument("--max-seconds", type=float, default=900)
     parser.add_argument("--workdir", type=Path)
@@ -177,33 +208,36 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="16 rows, a few requests: the code path, no figures")
     args = parser.parse_args()
     if args.smoke:
-        args.rows, args.latency_requests, args.group_repeats = 16, 8, 1
+        args.rows, args.latency_requests, args.group_repeats, args.rounds = 16, 8, 1, 1
     signal.signal(signal.SIGALRM, lambda *_: sys.exit(f"stopped after --max-seconds {args.max_seconds:g}"))
     signal.alarm(int(args.max_seconds))
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-serve-"))
     model = args.model or build_model(work / "model")
     texts = make_rows(model, args.rows)
-    base = offline(model, texts, work, args.device)
     server = Server(model, work / "server.log", args.device)
     try:
-        served = saturation(server.url, texts)
+        measured = rounds(model, server.url, texts, work, args.device, args.rounds)
         waits = latency(server.url, texts, args.latency_requests, args.smoke)
         shared = groups(server.url, args.group_repeats)
     finally:
         server.stop()
-    print(f"throughput, {len(texts)} rows of 16-512 tokens ({base['tokens']} tokens):")
-    print(f"  offline vexport score   {base['tokens_per_s']:10,.0f} tokens/s (model load excluded; "
-          f"{base['tokens_per_s_with_load']:,.0f} with it)")
-    print(f"  server, 64 clients      {served['tokens_per_s']:10,.0f} tokens/s   "
-          f"ratio {served['tokens_per_s'] / base['tokens_per_s']:.2f}x (goal >= 0.8x)")
+    print(f"throughput, {len(texts)} rows of 16-512 tokens ({measured[0]['offline']['tokens']} tokens), "
+          f"{len(measured)} rounds of offline / server /v1/values / server /get_reward (64 clients, one row each):")
+    for index, r in enumerate(measured, 1):
+        print(f"  round {index}: offline {r['offline']['tokens_per_s']:8,.0f} tokens/s (model load excluded); "
+              f"/v1/values {r['values']['tokens_per_s']:8,.0f} ({r['values_ratio']:.2f}x); "
+              f"/get_reward {r['get_reward']['tokens_per_s']:8,.0f} ({r['get_reward_ratio']:.2f}x)")
+    print(f"  server/offline, /v1/values:  {spread([r['values_ratio'] for r in measured])} (goal >= 0.8x)")
+    print(f"  server/offline, /get_reward: {spread([r['get_reward_ratio'] for r in measured])} (goal >= 0.8x)")
     for clients, figures in waits.items():
         print(f"latency, {clients:2d} client{'s' if clients > 1 else ' '} ({figures['requests']} one-row requests): "
               f"p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms")
     print(f"/v1/groups, prompt 512 + 8 x 64: {shared['group_ms']:.1f} ms; the 8 sequences as independent requests "
           f"{shared['independent_ms']:.1f} ms; ratio {shared['ratio']:.2f}x (goal >= 3x)")
     if args.json:
-        figures = {"device": args.device, "smoke": args.smoke, "offline": base, "server": served,
-                   "server_vs_offline": served["tokens_per_s"] / base["tokens_per_s"],
+        figures = {"device": args.device, "smoke": args.smoke, "rounds": measured,
+                   "server_vs_offline": statistics.median(r["values_ratio"] for r in measured),
+                   "get_reward_vs_offline": statistics.median(r["get_reward_ratio"] for r in measured),
                    "latency": {str(k): v for k, v in waits.items()}, "groups": shared}
         args.json.write_text(json.dumps(figures, indent=1) + "\n")
 

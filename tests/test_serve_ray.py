@@ -58,7 +58,8 @@ def test_ray_serve_gives_load_values(server, model):
         for got, seq in zip(body["values"], ids, strict=True):
             np.testing.assert_allclose(got, alone(model, seq), **TOL)
         rewards = http.post("/get_reward", json={"query": texts}).json()["rewards"]
-        np.testing.assert_allclose(rewards, [alone(model, s)[-1] for s in ids], **TOL)
+        bare = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]  # as OpenRLHF's serve_rm.py
+        np.testing.assert_allclose(rewards, [alone(model, s)[-1] for s in bare], **TOL)
         pooled = http.post("/pooling", json={"input": ids[:3], "task": "token_classify"}).json()["data"]
         for item, seq in zip(pooled, ids[:3], strict=True):
             np.testing.assert_allclose(np.asarray(item["data"])[:, 0], alone(model, seq), **TOL)

@@ -414,6 +414,19 @@ def serve(
     session_ttl_s: Annotated[float, typer.Option("--session-ttl-s", help="Idle seconds to expiry.")] = 600.0,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda if present).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads per model.")] = None,
+    key_in_url: Annotated[bool, typer.Option("--key-in-url", help="Also take the API key as ?api_key=KEY in the "
+                                             "URL, for clients that send no headers (OpenRLHF); see README.")] = False,
+    reward_max_len: Annotated[Optional[int], typer.Option("--reward-max-len", help="/get_reward: cut queries to "
+                                                          "this many tokens (default: 2048, as serve_rm.py).")] = None,
+    reward_overlong: Annotated[str, typer.Option("--reward-overlong", help="/get_reward over --reward-max-len: "
+                                                 "truncate (as serve_rm.py) or refuse (400).")] = "truncate",
+    reward_normalize: Annotated[bool, typer.Option(
+        "--reward-normalize", help="/get_reward: (reward - mean) / std from config.json, as serve_rm.py "
+                                   "--reward.normalize_enable.")] = False,
+    half_close: Annotated[str, typer.Option("--half-close", help="A client that half-closes after its request: "
+                                            "answer it, or drop its request (see README).")] = "answer",
+    max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Largest request body in MiB, counted as it "
+                                               "arrives (chunked too); over it: 413.")] = 64.0,
 ):
     """Serve MODEL's values over HTTP: OpenRLHF /get_reward, vLLM /pooling and /classify, /v1/... (see README)."""
     from vexport.serve import require_serve
@@ -425,11 +438,58 @@ def serve(
     options = ServeOptions(host=host, port=port, api_key=api_key, batch_tokens=batch_tokens, max_wait_ms=max_wait_ms,
                            max_queue_tokens=max_queue_tokens, max_length=max_length, engine=engine, replicas=replicas,
                            ray_address=ray_address, session_memory_mb=session_memory_mb, session_ttl_s=session_ttl_s,
-                           device=device, threads=threads)
+                           device=device, threads=threads, key_in_url=key_in_url, reward_max_len=reward_max_len,
+                           reward_overlong=reward_overlong, reward_normalize=reward_normalize, half_close=half_close,
+                           max_body_mb=max_body_mb)
     server = Server.prepare(model, options)
     out.print(f"serving {model} on {server.url} ({engine} engine); SIGTERM or Ctrl-C drains and stops",
               highlight=False, soft_wrap=True)
     server.run()
+
+
+@app.command()
+@_command
+def generate(
+    policy: Annotated[str, typer.Option("--policy", help="Hugging Face causal-LM policy (folder or hub id).")],
+    value: Annotated[str, typer.Option("--value", help="Value model: artifact folder or Hugging Face model.")],
+    prompts: Annotated[Path, typer.Option("--prompts", help="JSONL: {'prompt': text} or {'messages': [...]}.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="JSONL file written.")],
+    search: Annotated[str, typer.Option("--search", help="greedy, best-of-n, guided or mcts.")] = "mcts",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens per response.")] = 32,
+    n: Annotated[int, typer.Option("--n", help="best-of-n: responses sampled.")] = 8,
+    temperature: Annotated[float, typer.Option("--temperature", help="best-of-n: sampling temperature.")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="guided: candidates per step.")] = 4,
+    beta: Annotated[float, typer.Option("--beta", help="guided: weight of the value.")] = 1.0,
+    sim: Annotated[int, typer.Option("--sim", help="mcts: simulations per token.")] = 10,
+    k: Annotated[int, typer.Option("--k", help="mcts: children (top-k tokens) per node.")] = 10,
+    c_puct: Annotated[float, typer.Option("--c-puct", help="mcts: PUCT exploration constant.")] = 8.0,
+    te: Annotated[float, typer.Option("--te", help="mcts: temperature of the priors.")] = 1.0,
+    do_sample: Annotated[bool, typer.Option("--do-sample", help="mcts: draw the token from the visits.")] = False,
+    td: Annotated[float, typer.Option("--td", help="mcts: temperature of the visit counts.")] = 1.0,
+    anneal_td: Annotated[bool, typer.Option("--anneal-td/--no-anneal-td", help="mcts: td towards 0.")] = True,
+    top_p: Annotated[float, typer.Option("--top-p", help="mcts: nucleus of the visit counts.")] = 1.0,
+    gamma: Annotated[float, typer.Option("--gamma", help="mcts: discount (with --kl-coef).")] = 1.0,
+    kl_coef: Annotated[float, typer.Option("--kl-coef", help="mcts: KL penalty (needs --ref-policy).")] = 0.0,
+    ref_policy: Annotated[Optional[str], typer.Option("--ref-policy", help="mcts: reference policy.")] = None,
+    reward_model: Annotated[Optional[str], typer.Option("--reward-model", help="mcts: reward at end tokens "
+                                                        "(used with --kl-coef, as the reference).")] = None,
+    mode: Annotated[str, typer.Option("--mode", help="mcts: exact (the reference's search) or fast.")] = "exact",
+    leaves: Annotated[Optional[int], typer.Option("--leaves", help="mcts: leaves per forward (fast: 8).")] = None,
+    reuse_tree: Annotated[Optional[bool], typer.Option("--reuse-tree/--no-reuse-tree",
+                                                       help="mcts: keep the chosen subtree (fast: yes).")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of sampled searches.")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cpu).")] = None,
+):
+    """Answer every prompt of PROMPTS with one search (greedy, best-of-n, guided, PPO-MCTS) into OUTPUT (JSONL)."""
+    _check_device(device)
+    from vexport.decoding.generate_file import generate_file
+
+    settings = dict(max_new_tokens=max_new_tokens, n=n, temperature=temperature, top_k=top_k, beta=beta, sim=sim, k=k,
+                    c_puct=c_puct, te=te, do_sample=do_sample, td=td, anneal_td=anneal_td, top_p=top_p, gamma=gamma,
+                    kl_coef=kl_coef, mode=mode, leaves=leaves, reuse_tree=reuse_tree, seed=seed)
+    count = generate_file(policy, value, prompts, output, search, settings, device=device, progress=True,
+                          ref_policy=ref_policy, reward_model=reward_model)
+    out.print(f"{search}: answered {count} prompts; wrote {output}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,7 +2,8 @@
 vLLM clients (``/pooling``, ``/classify``) and vexport's own endpoints (values, shared-prompt groups, KV-cached
 sessions), on FastAPI + uvicorn in one process or on Ray Serve replicas.
 
-    HTTP ─► app.py (errors, API key, metrics) ─► routes.py ─► inputs.py (tokenize and check: 4xx naming a field)
+    HTTP ─► protocol.py (uvicorn, half-closed clients) ─► app.py (errors, auth.py's API key, metrics)
+        ─► routes.py (openrlhf.py: /get_reward, vllm.py: /pooling, /classify) ─► inputs.py (tokenize and check)
         ─► engine: engine.py + batcher.py (local: one model thread)  |  ray_engine.py (Ray Serve replicas)
             ─► worker.py (ValueModel.values / score_group, the scoring planner) and sessions.py
 

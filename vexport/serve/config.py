@@ -30,6 +30,12 @@ class ServeOptions:
     threads: int | None = None
     model_name: str | None = None  # the name /v1/models and the vLLM responses give; default: MODEL as given
     max_body_mb: float = 64.0
+    key_in_url: bool = False  # also take the API key as ?api_key=KEY (auth.py)
+    reward_max_len: int | None = None  # /get_reward: queries cut to this many tokens (openrlhf.py)
+    reward_overlong: str = "truncate"  # or "refuse"
+    reward_normalize: bool = False  # (reward - config.mean) / config.std
+    reward_mean_std: tuple[float, float] | None = None  # set from the model's config by openrlhf.resolve
+    half_close: str = "answer"  # or "drop" (protocol.py)
 
     def resolved(self, model: str, max_positions: int | None) -> "ServeOptions":
         """Defaults filled in from MODEL and the environment; every flag checked."""
@@ -49,6 +55,8 @@ class ServeOptions:
                        model_name=self.model_name or str(model))
 
     def check(self) -> None:
+        if self.half_close not in ("answer", "drop"):
+            raise VexportError(f"--half-close must be answer or drop, got {self.half_close!r}")
         if self.engine not in ENGINES:
             raise VexportError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.engine == "local" and (self.replicas is not None or self.ray_address is not None):

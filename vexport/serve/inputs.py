@@ -2,8 +2,9 @@
 
 Texts are tokenized exactly as ``vexport score`` tokenizes a ``text`` row (``tokenizer(text)``); chats are
 rendered with the model's chat template and encoded without a second bos, as its ``messages`` rows are;
-response texts of a group continue their prompt (no special tokens). Nothing is ever truncated: a sequence
-over ``max_length`` tokens, an empty one, or a token id outside the vocabulary is a 400. Tokenizer calls run
+response texts of a group continue their prompt (no special tokens). Nothing is truncated unless a caller
+asks (``cut_texts``: OpenRLHF's rule, vLLM's ``truncate_prompt_tokens``): a sequence over ``max_length``
+tokens, an empty one, or a token id outside the vocabulary is a 400. Tokenizer calls run
 one at a time (a fast tokenizer is not safe to call from several threads at once).
 """
 
@@ -26,14 +27,48 @@ class Encoder:
         self._lock = threading.Lock()
 
     def texts(self, field: str, texts: Sequence[str], special_tokens: bool = True) -> list[list[int]]:
+        encoded = self._encode(field, texts, special_tokens, allow_empty=not special_tokens)
+        return [self._check_length(f"{field}[{i}]", ids) for i, ids in enumerate(encoded)]
+
+    def cut_texts(self, field: str, texts: Sequence[str], limit: int, special_tokens: bool = False,
+                  side: str | None = None) -> tuple[list[list[int]], list[bool]]:
+        """Token ids cut to LIMIT tokens on SIDE (default: the tokenizer's ``truncation_side``), as
+        ``tokenizer(texts, truncation=True, max_length=LIMIT)`` cuts a sequence; and which ones were cut."""
+        encoded = self._encode(field, texts, special_tokens, allow_empty=False)
+        keep_last = (side or getattr(self.tokenizer, "truncation_side", "right")) == "left"
+        cut = [len(ids) > limit for ids in encoded]
+        encoded = [(ids[len(ids) - limit:] if keep_last else ids[:limit]) if over else ids
+                   for ids, over in zip(encoded, cut)]
+        return [self._check_length(f"{field}[{i}]", ids) for i, ids in enumerate(encoded)], cut
+
+    def raw_texts(self, field: str, texts: Sequence[str], special_tokens: bool) -> list[list[int]]:
+        """Token ids of TEXTS, checked as text but not yet for length (the caller cuts them, then ``checked``)."""
+        return self._encode(field, texts, special_tokens, allow_empty=False)
+
+    def checked(self, field: str, ids: list[int]) -> list[int]:
+        return self._check_length(field, ids)
+
+    def template_text(self, field: str, turns: list[dict], chat_template: str | None, options: dict) -> str:
+        """The chat rendered by CHAT_TEMPLATE (default: the tokenizer's) with OPTIONS, as text (vLLM's way)."""
+        for i, turn in enumerate(turns):
+            self._check_text(f"{field}[{i}].role", turn["role"])
+            self._check_text(f"{field}[{i}].content", turn["content"], allow_empty=True)
+        with self._lock:
+            try:
+                return self.tokenizer.apply_chat_template(turns, chat_template=chat_template, tokenize=False,
+                                                          **options)
+            except Exception as exc:  # jinja and transformers raise their own types
+                raise RequestError(400, field, f"{field}: the chat template failed ({_line(exc)})") from None
+
+    def _encode(self, field: str, texts: Sequence[str], special_tokens: bool, allow_empty: bool) -> list[list[int]]:
         for i, text in enumerate(texts):
-            self._check_text(f"{field}[{i}]", text, allow_empty=not special_tokens)
+            self._check_text(f"{field}[{i}]", text, allow_empty=allow_empty)
         with self._lock:
             try:
                 encoded = self.tokenizer(list(texts), add_special_tokens=special_tokens, verbose=False)["input_ids"]
             except Exception:  # one text the tokenizer cannot take fails the call: find it
                 encoded = [self._one(f"{field}[{i}]", t, special_tokens) for i, t in enumerate(texts)]
-        return [self._check_length(f"{field}[{i}]", list(ids)) for i, ids in enumerate(encoded)]
+        return [list(ids) for ids in encoded]
 
     def chats(self, field: str, chats: Sequence[Sequence[Message]]) -> list[list[int]]:
         return [self.chat(f"{field}[{i}]", chat) for i, chat in enumerate(chats)]
@@ -47,6 +82,7 @@ class Encoder:
         if not head:
             raise RequestError(400, field, f"{field} has only an assistant turn: nothing to respond to")
         for i, turn in enumerate(turns):
+            self._check_text(f"{field}[{i}].role", turn["role"])
             self._check_text(f"{field}[{i}].content", turn["content"], allow_empty=True)
         with self._lock:
             try:
@@ -59,11 +95,14 @@ class Encoder:
         return [self.one_ids(f"{field}[{i}]", row) for i, row in enumerate(rows)]
 
     def one_ids(self, field: str, row: Sequence[int]) -> list[int]:
+        return self._check_length(field, self.vocab_checked(field, row))
+
+    def vocab_checked(self, field: str, row: Sequence[int]) -> list[int]:
         for j, token in enumerate(row):
             if not 0 <= token < self.vocab_size:
                 raise RequestError(400, f"{field}[{j}]", f"{field}[{j}] is token id {token}, outside the "
                                                          f"vocabulary [0, {self.vocab_size})")
-        return self._check_length(field, list(row))
+        return list(row)
 
     def check_total(self, field: str, tokens: int) -> None:
         if tokens > self.max_length:

@@ -32,6 +32,10 @@ class Metrics:
                                 registry=registry)
         self.dropped = Counter("vexport_dropped_disconnected", "Requests dropped because the client went away",
                                registry=registry)
+        self.auth_refused = Counter("vexport_auth_refused", "Requests refused with 401 (no or a wrong API key)",
+                                    ["reason"], registry=registry)
+        self.reward_truncated = Counter("vexport_reward_truncated", "/get_reward queries cut to --reward-max-len",
+                                        registry=registry)
         self.sessions = Gauge("vexport_sessions", "Live sessions", registry=registry)
         self.session_evictions = Gauge("vexport_session_evictions", "Sessions evicted so far (memory cap or idle)",
                                        registry=registry)

@@ -7,7 +7,8 @@
     POST /v1/groups         one prompt, n responses: the prompt runs once
     POST /v1/sessions       a session over a prompt; .../score, .../advance, GET and DELETE /v1/sessions/{id}
 
-Values are raw (no sigmoid) unless a vLLM request asks for ``use_activation: true``.
+Values are raw (no sigmoid) unless a vLLM request asks for ``use_activation: true``. The OpenRLHF handler is
+in openrlhf.py, the vLLM ones in vllm.py.
 """
 
 from __future__ import annotations
@@ -15,34 +16,33 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import time
-import uuid
 
 import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from vexport.serve.admission import Admission
 from vexport.serve.batcher import QueueFull
-from vexport.serve.schemas import (AdvanceRequest, ClassifyRequest, GroupRequest, PoolingRequest, RequestError,
-                                   RewardRequest, ScoreRequest, SessionRequest, ValuesRequest)
+from vexport.serve.openrlhf import RewardEndpoint
+from vexport.serve.schemas import (AdvanceRequest, GroupRequest, RequestError, ScoreRequest, SessionRequest,
+                                   ValuesRequest)
+from vexport.serve.vllm import VllmEndpoints
 
 log = logging.getLogger(__name__)
-
-POOLING_TASKS = ("token_classify", "classify")
-
 
 class Api:
     """Handlers bound to one engine, encoder and options."""
 
     def __init__(self, engine, encoder, options, metrics):
         self.engine, self.encoder, self.options, self.metrics = engine, encoder, options, metrics
+        self.admission = Admission(options)
+        self.get_reward = RewardEndpoint(self).get_reward  # OpenRLHF (openrlhf.py)
+        vllm = VllmEndpoints(self)  # vLLM (vllm.py)
+        self.pooling, self.classify = vllm.pooling, vllm.classify
 
     # --- scoring through the batcher, dropped if the client goes away ---
     async def score(self, request: Request, field: str, sequences: list[list[int]]) -> list[np.ndarray]:
-        tokens = sum(len(s) for s in sequences)
-        if tokens > self.options.max_queue_tokens:
-            raise RequestError(413, field, f"{field}: {tokens} tokens in one request, over --max-queue-tokens "
-                                           f"{self.options.max_queue_tokens}: split it")
+        self.admission.sequences(field, sequences)
         work = asyncio.ensure_future(self.engine.values(sequences))
         gone = asyncio.ensure_future(_disconnected(request))
         done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -57,58 +57,6 @@ class Api:
     async def tokenize(self, fn, *args):
         """Tokenize in a thread, so the event loop keeps taking requests."""
         return await asyncio.to_thread(fn, *args)
-
-    # --- OpenRLHF ---
-    async def get_reward(self, request: Request, body: RewardRequest):
-        sequences = await self.tokenize(self.encoder.texts, "query", body.query)
-        rewards = [float(v[-1]) for v in await self.score(request, "query", sequences)]
-        return JSONResponse({"rewards": rewards, "scores": rewards,
-                             "extra_logs": {"num_tokens": [len(s) for s in sequences]}})
-
-    # --- vLLM ---
-    async def pooling(self, request: Request, body: PoolingRequest):
-        if body.task not in POOLING_TASKS:
-            raise RequestError(400, "task", f"task {body.task!r} is not one a value model serves: "
-                                            f"{', '.join(POOLING_TASKS)}")
-        sequences = await self.tokenize(self.vllm_inputs, body)
-        rows = _activate(await self.score(request, "input", sequences), body.use_activation)
-        data = []
-        for index, row in enumerate(rows):
-            value = row[:, None] if body.task == "token_classify" else row[-1:]
-            payload = _b64(value) if body.encoding_format == "base64" else value.tolist()
-            data.append({"index": index, "object": "pooling", "data": payload})
-        return JSONResponse(self._vllm_envelope("pool", data, sequences))
-
-    async def classify(self, request: Request, body: ClassifyRequest):
-        sequences = await self.tokenize(self.vllm_inputs, body)
-        rows = _activate(await self.score(request, "input", sequences), body.use_activation)
-        data = [{"index": i, "label": "LABEL_0", "probs": [float(row[-1])], "num_classes": 1}
-                for i, row in enumerate(rows)]
-        return JSONResponse(self._vllm_envelope("classify", data, sequences))
-
-    def vllm_inputs(self, body) -> list[list[int]]:
-        if body.messages is not None:
-            return [self.encoder.chat("messages", body.messages)]
-        value = body.input
-        if isinstance(value, str):
-            return self.encoder.texts("input", [value])
-        if isinstance(value, list) and value:
-            if all(isinstance(v, str) for v in value):
-                return self.encoder.texts("input", value)
-            if all(_is_int(v) for v in value):
-                return [self.encoder.one_ids("input", value)]
-            if all(isinstance(v, list) and all(_is_int(t) for t in v) for v in value):
-                return self.encoder.ids("input", value)
-        if isinstance(value, list) and not value:
-            raise RequestError(400, "input", "input is empty")
-        raise RequestError(422, "input", "input must be a string, a list of strings, a list of token ids or a list "
-                                         "of lists of token ids")
-
-    def _vllm_envelope(self, kind: str, data: list, sequences: list[list[int]]) -> dict:
-        tokens = sum(len(s) for s in sequences)
-        return {"id": f"{kind}-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
-                "model": self.options.model_name, "data": data,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
 
     # --- vexport ---
     async def values(self, request: Request, body: ValuesRequest):
@@ -127,6 +75,7 @@ class Api:
 
     async def groups(self, request: Request, body: GroupRequest):
         prompt, responses = await self.tokenize(self._group_inputs, body)
+        self.admission.group("response_ids" if body.responses is None else "responses", prompt, responses)
         rows = await self.engine.group(prompt, responses)
         return JSONResponse({**_values_body(rows, body.per_token, body.encoding), "prompt_tokens": len(prompt)})
 
@@ -155,6 +104,7 @@ class Api:
 
     async def session_score(self, session_id: str, body: ScoreRequest):
         candidates = self.encoder.ids("candidates", body.candidates)
+        self.admission.candidates("candidates", candidates)
         values = await self.engine.session_score(session_id, candidates)
         await self._session_gauges()
         return JSONResponse({"session": session_id, "values": values.tolist()})
@@ -184,17 +134,6 @@ async def _disconnected(request: Request) -> None:
     """Returns when the client has gone away (the ASGI server's ``http.disconnect``)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _activate(rows: list[np.ndarray], use_activation: bool | None) -> list[np.ndarray]:
-    """Raw values; the sigmoid only when asked (vLLM applies it to one-label classifiers by default)."""
-    if not use_activation:
-        return rows
-    return [(1.0 / (1.0 + np.exp(-row.astype(np.float64)))).astype(np.float32) for row in rows]
 
 
 def _response_spans(prompt_lengths: list[int] | None, sequences: list[list[int]], field: str) -> list[int]:

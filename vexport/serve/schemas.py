@@ -1,8 +1,10 @@
 """Request bodies of every endpoint (pydantic), and the error every rejected request gets.
 
 Types are strict (``"1"`` is not a token id, ``1.0`` is not an int). The vexport endpoints (``/v1/...``) refuse
-unknown fields, so a typo is named rather than ignored; the OpenRLHF and vLLM endpoints ignore fields they do
-not use, as those servers do. A rejected request answers ``{"error": {"message", "type", "field", "code"}}``.
+unknown fields, so a typo is named rather than ignored; the OpenRLHF and vLLM endpoints ignore fields those
+servers do not know, as they do, and the vLLM models list every field of vLLM's own (vllm.py honours or
+refuses each). A rejected request answers ``{"error": {"message", "type", "field", "code"}}``; on the vLLM
+endpoints vLLM's ``{"error": {"message", "type", "param", "code"}}`` (vllm.py).
 """
 
 from __future__ import annotations
@@ -51,13 +53,44 @@ class RewardRequest(_Lenient):
 
 
 # --- vLLM ---
+class ContentPart(_Lenient):
+    """One part of a message's content; vllm.py takes ``text`` parts and refuses the others by name."""
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: str | list[ContentPart]
+
+
+EncodingFormat = Literal["float", "base64", "bytes", "bytes_only"]
+EmbedDType = Literal["float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"]
+
+
 class _VllmInput(_Lenient):
-    """``input`` is a string, strings, token ids, or lists of token ids; or ``messages``, one chat."""
+    """Every field of vLLM 0.34's ``ClassificationRequest`` (completion and chat forms); vllm.py honours or refuses
+    each. ``input`` is a string, strings, token ids, or lists of token ids; or ``messages``, one chat."""
 
     model: str | None = None
+    user: str | None = None
     input: Any = None
-    messages: list[Message] | None = Field(default=None, min_length=1)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     use_activation: bool | None = None
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
+    truncation_side: Literal["left", "right"] | None = None
+    padding: Literal["max_length", "do_not_pad"] | None = None
+    request_id: str | None = None
+    priority: int = 0
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=1024)
+    mm_processor_kwargs: dict[str, Any] | None = None
+    add_special_tokens: bool | None = None  # vLLM: True for input, False for messages
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    media_io_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _one_input(self):
@@ -66,15 +99,19 @@ class _VllmInput(_Lenient):
         return self
 
 
-class PoolingRequest(_VllmInput):
-    """vLLM's ``/pooling``: per-token values (``task: token_classify``) or the last token's (``classify``)."""
-
-    task: str = "token_classify"
-    encoding_format: Literal["float", "base64"] = "float"
-
-
 class ClassifyRequest(_VllmInput):
     """vLLM's ``/classify``: the value of each input at its last token."""
+
+
+class PoolingRequest(_VllmInput):
+    """vLLM's ``/pooling`` (``PoolingRequest``): per-token values (``task: token_classify``) or the last token's
+    (``classify``), as JSON floats, base64 or raw bytes."""
+
+    task: str | None = None
+    encoding_format: EncodingFormat = "float"
+    embed_dtype: EmbedDType = "float32"
+    endianness: Literal["native", "big", "little"] = "native"
+    dimensions: int | None = None
 
 
 # --- vexport ---

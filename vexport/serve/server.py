@@ -23,6 +23,7 @@ class Server:
 
     @classmethod
     def prepare(cls, model: str, options: ServeOptions) -> "Server":
+        from vexport.serve import openrlhf
         from vexport.serve.app import create_app
         from vexport.serve.inputs import Encoder
         from vexport.serve.metrics import Metrics
@@ -35,6 +36,7 @@ class Server:
             engine, tokenizer, config, options = RayEngine.deploy(model, options, metrics)
         else:
             engine, tokenizer, config, options = _local_engine(model, options, metrics)
+        options = openrlhf.resolve(options, config)
         encoder = Encoder(tokenizer, config.vocab_size, options.max_length)
         app = create_app(engine, encoder, options, metrics)
         return cls(app, bind(options.host, options.port), options)
@@ -47,8 +49,10 @@ class Server:
     def run(self) -> None:
         import uvicorn
 
+        from vexport.serve.protocol import http_protocol
+
         config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="on",
-                                timeout_graceful_shutdown=None)
+                                timeout_graceful_shutdown=None, http=http_protocol(self.options.half_close))
         # uvicorn drains on SIGTERM, then re-raises it to the handler it found: make that one return, so a
         # drained server exits 0 (SIGINT keeps Python's KeyboardInterrupt)
         previous = signal.signal(signal.SIGTERM, _drained)
