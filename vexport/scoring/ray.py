@@ -133,19 +133,29 @@ def _check_reachable(address: str, flag: str) -> None:
                            "s); is a Ray head running there (ray start --head)?") from None
 
 
+_QUIET_LOGGERS = {"ray.data._internal.progress": logging.ERROR,  # "Progress bars disabled": we disabled them
+                  "ray.data._internal.execution.streaming_executor": logging.WARNING}  # "execution finished in"
+
+
 @contextlib.contextmanager
 def _quiet_data_context() -> Iterator[None]:
-    """Ray Data's own progress bars and start-of-run lines off while vexport's bar runs (restored after)."""
+    """Ray Data's own progress bars, start-of-run and end-of-run lines off while vexport's bar runs (restored
+    after), so that an error is one line."""
     context = ray.data.DataContext.get_current()
     names = [n for n in ("enable_progress_bars", "print_on_execution_start") if hasattr(context, n)]
     saved = {n: getattr(context, n) for n in names}
+    levels = {name: logging.getLogger(name).level for name in _QUIET_LOGGERS}
     for name in names:
         setattr(context, name, False)
+    for name, level in _QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
     try:
         yield
     finally:
         for name, value in saved.items():
             setattr(context, name, value)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def actor_resources(workers: int | None, device: str | None, threads: int | None) -> tuple[int, dict, str, int]:
