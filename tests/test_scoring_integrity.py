@@ -173,7 +173,7 @@ def batch(tiny_model_dir, tmp_path_factory):
         path = (write_jsonl if case.fmt == "jsonl" else write_parquet)(folder / f"rows.{case.fmt}", ROWS)
         inputs_of[case.name] = path
         args = ["score", tiny_model_dir, "-i", folder if case.folder else path, "-o", root / case.name / "out",
-                "--part-rows", PART_ROWS, "--batch-tokens", 64]
+                "--part-rows", PART_ROWS, "--batch-tokens", 64, "--threads", 1]
         runs[case.name] = args + (["--engine", "ray", "--workers", 1] if case.ray else [])
         resumes[f"{case.name}_resume"] = args + ["--resume"]  # a run stopped under Ray resumes on the local engine
     process = _start_batch({**runs, **resumes}, root / "batch.log")
