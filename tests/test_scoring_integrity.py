@@ -34,7 +34,7 @@ from tests.scoring_helpers import assert_every_row_once, mixed_rows, write_jsonl
 from tests.test_scoring_hostile import _BATCH, one_line_error
 from vexport.errors import VexportError
 from vexport.scoring import inputs, score
-from vexport.scoring.inputs import InputChanged, index_input, open_input, read_windows
+from vexport.scoring.inputs import InputChangedError, index_input, open_input, read_windows
 
 PART_ROWS = 2
 ROWS = mixed_rows(19, seed=11, max_words=12) + [{"id": "last", "text": "the cat sat on the mat"}]
@@ -137,7 +137,7 @@ class Case:
 
 CASES = [
     Case("edit_row", "jsonl", _rewrite_rows),
-    Case("edit_parquet", "parquet", _rewrite_parquet),
+    Case("edit_parquet", "parquet", _rewrite_parquet, folder=True),
     Case("truncate", "jsonl", _truncate, folder=True),
     Case("rename_over", "jsonl", _rename_over),
     Case("append", "jsonl", _append),
@@ -323,7 +323,8 @@ def test_a_jsonl_window_edited_after_the_file_was_opened_is_found_by_its_hash(tm
     next(reader)  # the file is open now, positioned after window 0
     _edit_hiding_mtime(path, path.read_bytes())
     last = plan.windows()[-1]
-    with pytest.raises(InputChanged, match=f"{path}.*lines {last.start + 1}-{last.stop} are not the bytes indexed"):
+    lines = f"lines {last.start + 1}-{last.stop} are not the bytes indexed"
+    with pytest.raises(InputChangedError, match=f"{path}.*{lines}"):
         list(reader)
 
 
@@ -333,7 +334,7 @@ def test_bytes_appended_after_the_last_line_are_found_when_the_file_is_read(tmp_
     reader = read_windows(plan, plan.windows(), 1 << 20)
     next(reader)
     _append(path, b"")
-    with pytest.raises(InputChanged, match="bytes follow its last indexed line"):
+    with pytest.raises(InputChangedError, match="bytes follow its last indexed line"):
         list(reader)
 
 
@@ -350,7 +351,7 @@ def test_a_parquet_file_is_parsed_from_the_copy_that_was_hashed(tmp_path, monkey
     write_parquet(path, [dict(r, id=r["id"] + "x") for r in ROWS])
     fooled = dataclasses.replace(plan, files=(dataclasses.replace(plan.files[0],
                                                                   identity=inputs.identity(os.stat(path))),))
-    with pytest.raises(InputChanged, match="its bytes are not those indexed"):
+    with pytest.raises(InputChangedError, match="its bytes are not those indexed"):
         list(read_windows(fooled, fooled.windows(), 1 << 20))
 
 
@@ -364,6 +365,24 @@ def test_a_file_that_changes_while_it_is_indexed_is_refused(tmp_path, monkeypatc
         return result
 
     monkeypatch.setattr(inputs, "_index_jsonl", index_then_edit)
-    with pytest.raises(InputChanged, match=f"{path} changed while it was being indexed"):
+    with pytest.raises(InputChangedError, match=f"{path} changed while it was being indexed"):
         index_input(path, PART_ROWS)
 
+
+
+def test_a_change_found_in_a_ray_read_task_is_the_causes_one_line(tmp_path):
+    """Ray hands the driver a RayTaskError(InputChangedError): a VexportError too, whose text is the read task's
+    traceback. The engine reports the cause's line, also when only the traceback text came back."""
+    if not _has_ray():
+        pytest.skip("needs Ray (pip install 'vexport[ray]')")
+    import ray.exceptions
+
+    from vexport.scoring.ray import _as_vexport_error
+
+    cause = InputChangedError(inputs.changed_message(tmp_path / "rows.jsonl", "lines 7-8 are not the bytes indexed"))
+    trace = f"Traceback (most recent call last):\n  File \"inputs.py\", line 1\n" \
+            f"vexport.scoring.inputs.InputChangedError: {cause}"
+    with_cause = ray.exceptions.RayTaskError("ReadWindow", trace, cause, pid=1, ip="127.0.0.1").as_instanceof_cause()
+    for wrapped in (with_cause, ray.exceptions.RayTaskError("ReadWindow", trace, None, pid=1, ip="127.0.0.1")):
+        got = _as_vexport_error(wrapped)
+        assert type(got) is VexportError and str(got) == str(cause)

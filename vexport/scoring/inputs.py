@@ -15,7 +15,7 @@ identity (size, mtime_ns, ctime_ns, inode, device), the sha256 of its bytes and,
 Reading hashes the bytes it hands on and checks them before a window leaves this module: a JSONL window against
 its indexed digest (and the file's end after its last window), a Parquet file as a whole, read once into a
 private copy that pyarrow then parses (so no later edit can reach the rows). A window whose bytes differ is
-InputChanged, a VexportError naming the file. Only regular files are opened, and a path is opened
+InputChangedError, a VexportError naming the file. Only regular files are opened, and a path is opened
 non-blocking and checked with fstat before anything is read, so a FIFO or device never blocks or streams.
 """
 
@@ -49,7 +49,7 @@ _NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a charac
                 (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
-class InputChanged(VexportError):
+class InputChangedError(VexportError):
     """An input file changed between indexing and reading (or the end of the run)."""
 
 
@@ -181,9 +181,9 @@ def check_unchanged(file: InputFile) -> None:
     try:
         now = identity(os.stat(file.path))
     except OSError:
-        raise InputChanged(changed_message(file.path, "removed")) from None
+        raise InputChangedError(changed_message(file.path, "removed")) from None
     if now != file.identity:
-        raise InputChanged(changed_message(file.path, _difference(file.identity, now)))
+        raise InputChangedError(changed_message(file.path, _difference(file.identity, now)))
 
 
 def check_input_unchanged(plan: "InputPlan") -> None:
@@ -191,7 +191,7 @@ def check_input_unchanged(plan: "InputPlan") -> None:
     if plan.root.is_dir():
         now, then = find_input_files(plan.root), [f.path for f in plan.files]
         for path in sorted(set(now) ^ set(then)):
-            raise InputChanged(changed_message(path, "added to the folder" if path in now else "removed"))
+            raise InputChangedError(changed_message(path, "added to the folder" if path in now else "removed"))
     for file in plan.files:
         check_unchanged(file)
 
@@ -226,7 +226,7 @@ def _hidden(relative: Path) -> bool:
 
 def _index_file(path: Path, name: str, first_row: int, part_rows: int, digest) -> tuple[InputFile, str | None]:
     """One pass over PATH through one descriptor: its identity, hashes, rows, (JSONL) window offsets and hashes,
-    and the type of its id column. A file that changes while it is indexed is InputChanged."""
+    and the type of its id column. A file that changes while it is indexed is InputChangedError."""
     with open_input(path) as fh:
         before = identity(os.fstat(fh.fileno()))
         digest.update(f"{name}\0{before[0]}\0".encode())
@@ -241,7 +241,8 @@ def _index_file(path: Path, name: str, first_row: int, part_rows: int, digest) -
         after = identity(os.fstat(fh.fileno()))
     if after != before or size != before[0]:
         what = _difference(before, after) if after != before else f"{size} bytes read of {before[0]}"
-        raise InputChanged(f"--input {path} changed while it was being indexed ({what}): score it once it is still")
+        raise InputChangedError(f"--input {path} changed while it was being indexed ({what}): "
+                                "score it once it is still")
     return file, id_kind
 
 
@@ -339,7 +340,7 @@ def read_windows(plan: InputPlan, windows: Sequence[Window], line_limit: int) ->
     """Each window with its rows as raw bytes (None for a JSONL line over LINE_LIMIT bytes), in the given order.
 
     Runs of consecutive windows of one file are read in one sequential pass. A window is yielded only once its
-    bytes are known to be the indexed ones (else InputChanged).
+    bytes are known to be the indexed ones (else InputChangedError).
     """
     for run in _runs(windows):
         file = plan.files[run[0].file]
@@ -366,7 +367,7 @@ def _open_indexed(file: InputFile) -> BinaryIO:
     now = identity(os.fstat(fh.fileno()))
     if now != file.identity:
         fh.close()
-        raise InputChanged(changed_message(file.path, _difference(file.identity, now)))
+        raise InputChangedError(changed_message(file.path, _difference(file.identity, now)))
     return fh
 
 
@@ -389,9 +390,9 @@ class _HashedLines:
         if self.position != end or digest != file.window_sha256[index]:
             first = window.start - file.first_row + 1
             what = f"lines {first}-{first + window.rows - 1} are not the bytes indexed when the run started"
-            raise InputChanged(changed_message(file.path, what))
+            raise InputChangedError(changed_message(file.path, what))
         if index + 1 == len(file.offsets) and self.fh.read(1):
-            raise InputChanged(changed_message(file.path, "bytes follow its last indexed line"))
+            raise InputChangedError(changed_message(file.path, "bytes follow its last indexed line"))
 
 
 def _read_jsonl_run(file: InputFile, run: list[Window], part_rows: int, line_limit: int):
@@ -442,7 +443,7 @@ def _snapshot(file: InputFile) -> Iterator[Any]:
             copied, source = copy.tell(), pa.PythonFile(copy, mode="r")
             copy.seek(0)
         if copied != size or digest.hexdigest() != file.sha256:
-            raise InputChanged(changed_message(file.path, "its bytes are not those indexed when the run started"))
+            raise InputChangedError(changed_message(file.path, "its bytes are not those indexed when the run started"))
         yield source
 
 
