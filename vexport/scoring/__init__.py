@@ -45,12 +45,13 @@ def score(model: str | Path, input: str | Path, output: str | Path, *, per_token
     lie inside INPUT or MODEL; ``force`` replaces only a previous score output or an empty folder. A run that
     fails before its first part leaves OUTPUT as it was.
     """
-    from vexport.scoring.inputs import check_input_unchanged, index_input
+    from vexport.scoring.inputs import check_input_unchanged, find_input_files, index_input
     from vexport.scoring.job import describe_model, resolve_max_length, run_state, summary
     from vexport.scoring.scorer import ScorerOptions
     from vexport.scoring.sink import OutputFolder
 
     _check_arguments(engine, batch_tokens, workers, threads, ray_address, padding_side, input, output, model)
+    find_input_files(Path(input).expanduser().absolute())  # a missing input or a FIFO: before the model is hashed
     info = describe_model(model, allow_pickle=allow_pickle)
     options = ScorerOptions(resolve_max_length(max_length, info), batch_tokens, per_token, append_eos, padding_side,
                             fixed_batch_rows)
