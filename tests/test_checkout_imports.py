@@ -30,19 +30,32 @@ def importable_at_root() -> dict[str, str]:
     return names
 
 
+# A distribution that ships its own test suite as a top-level `tests` package (a packaging slip: OpenRLHF 0.11.2,
+# which the drop-in tests install, does) owns no real import name: there our tests/ must win, not lose.
+TEST_SUITES = {"tests"}
+
+
 def test_no_top_level_package_or_module_has_the_import_name_of_an_installed_distribution():
     owners = importlib.metadata.packages_distributions()
     ours = {"vexport"}
     clashes = {name: (where, owners[name]) for name, where in importable_at_root().items()
-               if name in owners and not set(owners[name]) <= ours}
+               if name in owners and not set(owners[name]) <= ours and name not in TEST_SUITES}
     assert not clashes, f"these would shadow installed distributions from the checkout root: {clashes}"
+
+
+def test_tests_is_a_regular_package_that_wins_over_an_installed_tests_package():
+    assert "tests" in importable_at_root()
+    probe = "import tests.helpers, sys; print(tests.helpers.__file__)"
+    where = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True,
+                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert where.stdout.strip() == str(REPO / "tests" / "helpers.py")
 
 
 def test_with_the_root_first_on_sys_path_every_installed_name_resolves_outside_the_checkout():
     """A folder without __init__.py (kernels/) is a namespace portion: a regular package later on the path wins."""
     owners = importlib.metadata.packages_distributions()
     candidates = sorted({p.name.split(".")[0] for p in REPO.iterdir() if not p.name.startswith(".")} & set(owners)
-                        - {"vexport"})
+                        - {"vexport"} - TEST_SUITES)
     probe = ("import importlib.util, json, sys; "
              f"print(json.dumps({{n: getattr(importlib.util.find_spec(n), 'origin', None) for n in {candidates!r}}}))")
     where = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True,

@@ -210,7 +210,7 @@ def test_64_concurrent_clients_get_the_values_they_get_alone(model, server, clie
 
 BAD_REQUESTS = [  # (path, body (bytes: sent raw), status, field)
     ("/v1/values", b'{"texts": ["a cat"', 400, "body"),
-    ("/v1/values", b"[1, 2]", 422, None),
+    ("/v1/values", b"[1, 2]", 422, "body"),
     ("/v1/values", {"texts": [1]}, 422, "texts[0]"),
     ("/v1/values", {"texts": ["a"], "per_token": "yes"}, 422, "per_token"),
     ("/v1/values", {"input_ids": [["1", 2]]}, 422, "input_ids[0][0]"),
@@ -236,11 +236,11 @@ BAD_REQUESTS = [  # (path, body (bytes: sent raw), status, field)
     ("/pooling", {"input": "a", "task": "embed"}, 400, "task"),
     ("/classify", {"input": [[3, 1000]]}, 400, "input[0][1]"),
     ("/v1/groups", {"prompt": "a", "response_ids": [[3], [1000]]}, 400, "response_ids[1][0]"),
-    ("/v1/groups", {"prompt": "a"}, 422, None),
+    ("/v1/groups", {"prompt": "a"}, 422, "body"),
     ("/v1/sessions", {"prompt_ids": [1000]}, 400, "prompt_ids[0]"),
     ("/v1/sessions/nope/advance", {"tokens": [5]}, 404, "session_id"),
     ("/v1/sessions/nope/score", {"candidates": []}, 422, "candidates"),
-    ("/no/such/path", {}, 404, None),
+    ("/no/such/path", {}, 404, "path"),
 ]
 
 

@@ -401,6 +401,8 @@ def serve(
     session_ttl_s: Annotated[float, typer.Option("--session-ttl-s", help="Idle seconds to expiry.")] = 600.0,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda if present).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads per model.")] = None,
+    max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Largest request body in MiB, counted as it "
+                                               "arrives (chunked too); over it: 413.")] = 64.0,
 ):
     """Serve MODEL's values over HTTP: OpenRLHF /get_reward, vLLM /pooling and /classify, /v1/... (see README)."""
     from vexport.serve import require_serve
@@ -412,7 +414,7 @@ def serve(
     options = ServeOptions(host=host, port=port, api_key=api_key, batch_tokens=batch_tokens, max_wait_ms=max_wait_ms,
                            max_queue_tokens=max_queue_tokens, max_length=max_length, engine=engine, replicas=replicas,
                            ray_address=ray_address, session_memory_mb=session_memory_mb, session_ttl_s=session_ttl_s,
-                           device=device, threads=threads)
+                           device=device, threads=threads, max_body_mb=max_body_mb)
     server = Server.prepare(model, options)
     out.print(f"serving {model} on {server.url} ({engine} engine); SIGTERM or Ctrl-C drains and stops",
               highlight=False, soft_wrap=True)

@@ -2,10 +2,12 @@
 
 Every refusal answers ``{"error": {"message", "type", "field", "code"}}``: malformed JSON 400, a wrong field
 type or a missing field 422, content the model cannot take (too long, outside the vocabulary, empty) 400, a
-request over the queue's size 413, a full queue 429 with ``Retry-After``, an unknown session 404, an evicted
-one 410, an engine replica lost mid-request 503 with ``Retry-After`` (the client retries). ``/health`` and
-``/ready`` answer without the API key, for probes; everything else needs ``Authorization: Bearer KEY`` when
-the server has one.
+body over ``--max-body-mb`` or a request over a limit (admission.py) 413, a full queue 429 with
+``Retry-After``, an unknown session 404, an evicted one or one lost in a restart 410, an engine replica lost
+mid-request 503 with ``Retry-After`` (the client retries). Error bodies are always encodable: a lone surrogate
+the client sent is written back escaped (``\\ud800``). ``/health`` and ``/ready`` answer without the API key,
+for probes; everything else needs ``Authorization: Bearer KEY`` when the server has one. Bodies are counted as
+they arrive, with ``Content-Length`` or chunked, and cut at ``--max-body-mb``.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from vexport.serve.metrics import Metrics
 from vexport.serve.routes import Api, overloaded
 from vexport.serve.schemas import (AdvanceRequest, ClassifyRequest, GroupRequest, PoolingRequest, RequestError,
                                    RewardRequest, ScoreRequest, SessionRequest, ValuesRequest)
-from vexport.serve.sessions import SessionGone, SessionNotFound
+from vexport.serve.sessions import SessionGone, SessionNotFound, SessionRefused
 
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = ("/health", "/ready")
+_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)}
 
 
 def create_app(engine, encoder, options, metrics: Metrics | None = None) -> FastAPI:
@@ -48,7 +51,7 @@ def create_app(engine, encoder, options, metrics: Metrics | None = None) -> Fast
         finally:
             await engine.stop()
 
-    app = FastAPI(title="vexport serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="vexport serve", lifespan=lifespan, docs_url=None, redoc_url=None, redirect_slashes=False)
     _routes(app, api, engine, options, metrics)
     _errors(app)
     app.add_middleware(_Gate, api_key=options.api_key, metrics=metrics,
@@ -90,7 +93,7 @@ def _routes(app: FastAPI, api: Api, engine, options, metrics: Metrics) -> None:
 def _errors(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def refused(request, exc: RequestError):
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return _as_json(exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
@@ -103,6 +106,10 @@ def _errors(app: FastAPI) -> None:
     @app.exception_handler(SessionGone)
     async def gone(request, exc: SessionGone):
         return _as_json(RequestError(410, "session_id", str(exc)))
+
+    @app.exception_handler(SessionRefused)
+    async def session_refused(request, exc: SessionRefused):
+        return _as_json(RequestError(exc.status, exc.field, exc.message))
 
     @app.exception_handler(SessionNotFound)
     async def missing(request, exc: SessionNotFound):
@@ -120,6 +127,12 @@ def _errors(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
+        if exc.status_code in (404, 405):  # routing: no endpoint here, or not with this method
+            message = f"path {request.url.path}: {exc.detail} for {request.method}"
+            return _as_json(RequestError(exc.status_code, "path", message, dict(exc.headers or {})))
+        if exc.status_code == 400:  # FastAPI could not read the body (not UTF-8, say)
+            message = f"body: {exc.detail} (a request body is one JSON object, UTF-8)"
+            return _as_json(RequestError(400, "body", message, dict(exc.headers or {})))
         return _as_json(RequestError(exc.status_code, None, str(exc.detail), dict(exc.headers or {})))
 
     @app.exception_handler(Exception)
@@ -129,7 +142,19 @@ def _errors(app: FastAPI) -> None:
 
 
 def _as_json(error: RequestError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+    return JSONResponse(_encodable(error.body()), status_code=error.status, headers=error.headers)
+
+
+def _encodable(value):
+    """VALUE with every string one encodable line: a lone surrogate becomes the text ``\\ud800``, a control
+    character (a newline, a NUL) ``\\x0a``."""
+    if isinstance(value, str):
+        return value.translate(_CONTROLS).encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_encodable(k): _encodable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encodable(v) for v in value]
+    return value
 
 
 def _validation_error(errors) -> RequestError:
@@ -144,7 +169,9 @@ def _validation_error(errors) -> RequestError:
     message = first.get("msg", "invalid value")
     if first.get("type") == "missing" and not parts:
         return RequestError(400, "body", "the body must be a JSON object")
-    return RequestError(422, field, f"{field}: {message}" if field else message)
+    if field is None:  # the body as a whole (a check across fields, or not an object)
+        return RequestError(422, "body", f"body: {message}")
+    return RequestError(422, field, f"{field}: {message}")
 
 
 def _field_name(parts) -> str | None:
@@ -160,7 +187,8 @@ def _field_name(parts) -> str | None:
 
 
 class _Gate:
-    """ASGI middleware: the API key, a body size cap, and per-endpoint request counts and latency."""
+    """ASGI middleware: the API key, a body size cap (bytes counted as they arrive), and per-endpoint request
+    counts and latency."""
 
     def __init__(self, app, api_key: str | None, metrics: Metrics, max_body: int):
         self.app, self.api_key, self.metrics, self.max_body = app, api_key, metrics, max_body
@@ -178,10 +206,17 @@ class _Gate:
 
         start = time.perf_counter()
         try:
+            replay = None
+            if refusal is None:
+                replay, refusal = await self._body(receive)
             if refusal is not None:
-                await _as_json(refusal)(scope, receive, tracked_send)
+                response = _as_json(refusal)
+                response.headers["Connection"] = "close"  # the rest of the body is never read
+                await response(scope, receive, tracked_send)
+            elif replay is not None:
+                await self.app(scope, replay, tracked_send)
             else:
-                await self.app(scope, receive, tracked_send)
+                status["code"] = 499  # the client went away while sending
         finally:
             endpoint = _endpoint(scope)
             self.metrics.requests.labels(endpoint, str(status["code"])).inc()
@@ -196,9 +231,40 @@ class _Gate:
                                                           "'Authorization: Bearer KEY'", {"WWW-Authenticate": "Bearer"})
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
-            return RequestError(413, "body", f"the body is {int(length)} bytes, over --max-body-mb "
-                                             f"{self.max_body / (1 << 20):g}")
+            return self._too_large(f"the body is {int(length)} bytes")
         return None
+
+    async def _body(self, receive):
+        """The whole body read here, counted as it arrives and cut at the cap: (a receive that replays it, None),
+        (None, the 413) past the cap, or (None, None) when the client went away."""
+        body, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None, None  # http.disconnect: nobody to answer
+            size += len(message.get("body", b""))
+            if size > self.max_body:
+                return None, self._too_large(f"the body is over {self.max_body} bytes ({size} read so far)")
+            body.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return _replay(b"".join(body), receive), None
+
+    def _too_large(self, what: str) -> RequestError:
+        return RequestError(413, "body", f"{what}, over --max-body-mb {self.max_body / (1 << 20):g}")
+
+
+def _replay(body: bytes, receive):
+    """A receive that gives BODY in one message, then whatever the connection says next (a disconnect)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
 
 
 def _endpoint(scope) -> str:

@@ -10,7 +10,7 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-from vexport.serve.batcher import Batcher
+from vexport.serve.batcher import Batcher, group_chunks
 from vexport.serve.config import ServeOptions
 from vexport.serve.sessions import SessionStore
 from vexport.serve.worker import ModelWorker
@@ -54,16 +54,24 @@ class LocalEngine:
         return await self.batcher.submit(sequences)
 
     async def group(self, prompt, responses):
-        return await self._call(self.worker.group, prompt, responses)
+        """The responses in chunks of about ``batch_tokens``, each one model call: other requests run between."""
+        rows = []
+        with self.batcher.reserved(len(prompt) + sum(len(r) for r in responses)):
+            for chunk in group_chunks(len(prompt), responses, self.options.batch_tokens):
+                rows += await self._call(self.worker.group, prompt, chunk)
+        return rows
 
     async def session_create(self, prompt):
-        return await self._call(self.sessions.create, prompt)
+        with self.batcher.reserved(len(prompt)):
+            return await self._call(self.sessions.create, prompt)
 
     async def session_score(self, session_id, candidates):
-        return await self._call(self.sessions.score, session_id, candidates)
+        with self.batcher.reserved(sum(len(c) for c in candidates)):
+            return await self._call(self.sessions.score, session_id, candidates)
 
     async def session_advance(self, session_id, tokens):
-        return await self._call(self.sessions.advance, session_id, tokens)
+        with self.batcher.reserved(len(tokens)):
+            return await self._call(self.sessions.advance, session_id, tokens)
 
     async def session_values(self, session_id):
         return await self._call(self.sessions.values, session_id)

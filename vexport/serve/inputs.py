@@ -47,6 +47,7 @@ class Encoder:
         if not head:
             raise RequestError(400, field, f"{field} has only an assistant turn: nothing to respond to")
         for i, turn in enumerate(turns):
+            self._check_text(f"{field}[{i}].role", turn["role"])
             self._check_text(f"{field}[{i}].content", turn["content"], allow_empty=True)
         with self._lock:
             try:

@@ -22,6 +22,7 @@ import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from vexport.serve.admission import Admission
 from vexport.serve.batcher import QueueFull
 from vexport.serve.schemas import (AdvanceRequest, ClassifyRequest, GroupRequest, PoolingRequest, RequestError,
                                    RewardRequest, ScoreRequest, SessionRequest, ValuesRequest)
@@ -36,13 +37,11 @@ class Api:
 
     def __init__(self, engine, encoder, options, metrics):
         self.engine, self.encoder, self.options, self.metrics = engine, encoder, options, metrics
+        self.admission = Admission(options)
 
     # --- scoring through the batcher, dropped if the client goes away ---
     async def score(self, request: Request, field: str, sequences: list[list[int]]) -> list[np.ndarray]:
-        tokens = sum(len(s) for s in sequences)
-        if tokens > self.options.max_queue_tokens:
-            raise RequestError(413, field, f"{field}: {tokens} tokens in one request, over --max-queue-tokens "
-                                           f"{self.options.max_queue_tokens}: split it")
+        self.admission.sequences(field, sequences)
         work = asyncio.ensure_future(self.engine.values(sequences))
         gone = asyncio.ensure_future(_disconnected(request))
         done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -127,6 +126,7 @@ class Api:
 
     async def groups(self, request: Request, body: GroupRequest):
         prompt, responses = await self.tokenize(self._group_inputs, body)
+        self.admission.group("response_ids" if body.responses is None else "responses", prompt, responses)
         rows = await self.engine.group(prompt, responses)
         return JSONResponse({**_values_body(rows, body.per_token, body.encoding), "prompt_tokens": len(prompt)})
 
@@ -155,6 +155,7 @@ class Api:
 
     async def session_score(self, session_id: str, body: ScoreRequest):
         candidates = self.encoder.ids("candidates", body.candidates)
+        self.admission.candidates("candidates", candidates)
         values = await self.engine.session_score(session_id, candidates)
         await self._session_gauges()
         return JSONResponse({"session": session_id, "values": values.tolist()})

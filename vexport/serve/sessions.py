@@ -3,11 +3,19 @@
 The store holds every live session under a memory cap (the KV cache bytes of its tokens, pending candidates
 included) and an idle time-to-live. Going over the cap evicts the least recently used sessions first; an
 evicted or expired id answers ``SessionGone`` (HTTP 410, naming the session and why) for as long as the store
-remembers it, an id it never issued ``SessionNotFound`` (404). Calls may come from several threads.
+remembers it, an id it never issued ``SessionNotFound`` (404). Ids carry the store's instance id
+(``INSTANCE.TOKEN``), so an id issued by an earlier run of the server, lost in a restart, answers 410 too.
+
+A call that would take a session over the cap by itself (its tokens with the session's, alone under the cap)
+is refused before it runs (``SessionRefused``, HTTP 413 naming the field and ``--session-memory-mb``), and the
+session is kept as it was; a call past the model's positions is refused the same way (400). Calls may come
+from several threads.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
 import secrets
 import threading
 import time
@@ -18,9 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from vexport.errors import VexportError
+from vexport.errors import InputError, VexportError
 
 REMEMBERED_GONE = 10_000  # evicted ids kept to answer 410 rather than 404
+SESSION_ID = re.compile(r"([A-Za-z0-9_-]{8})\.[A-Za-z0-9_-]{16}")  # INSTANCE.TOKEN, as create issues them
 
 
 class SessionNotFound(VexportError):
@@ -29,6 +38,17 @@ class SessionNotFound(VexportError):
 
 class SessionGone(VexportError):
     """The session existed but was evicted (memory cap or idle time-to-live) or its replica was lost."""
+
+
+class SessionRefused(VexportError):
+    """A call refused before it ran, the session kept: HTTP STATUS, the FIELD at fault, one line."""
+
+    def __init__(self, status: int, field: str, message: str):
+        super().__init__(status, field, message)  # every argument in args: it pickles (Ray replicas)
+        self.status, self.field, self.message = status, field, message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass
@@ -49,13 +69,13 @@ class SessionStore:
         self._gone: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
         self.evictions = 0
+        self.instance = secrets.token_urlsafe(6)  # 8 characters; a restarted server has another
 
     def create(self, prompt_ids: list[int]) -> tuple[str, np.ndarray]:
-        if len(prompt_ids) * self.token_bytes > self.memory_bytes:
-            raise VexportError(f"prompt_ids: {len(prompt_ids)} tokens need {_mb(len(prompt_ids) * self.token_bytes)} "
-                               f"of KV cache, over the session memory cap of {_mb(self.memory_bytes)}")
-        session = self.model.session(torch.tensor(prompt_ids, dtype=torch.long))
-        session_id = secrets.token_urlsafe(12)
+        self._check_cap("prompt_ids", 0, len(prompt_ids))
+        with _naming("prompt_ids"):
+            session = self.model.session(torch.tensor(prompt_ids, dtype=torch.long))
+        session_id = f"{self.instance}.{secrets.token_urlsafe(12)}"
         with self._lock:
             self._live[session_id] = _Entry(session, self.clock(), len(prompt_ids))
             self._enforce(session_id)
@@ -64,14 +84,19 @@ class SessionStore:
     def score(self, session_id: str, candidates: list[list[int]]) -> np.ndarray:
         entry = self._use(session_id)
         with entry.lock:
-            values = _numpy(entry.session.score(candidates))
-            self._grow(session_id, entry, int(entry.session.tokens.shape[-1]) + sum(len(c) for c in candidates))
+            committed = int(entry.session.tokens.shape[-1])
+            self._check_cap("candidates", committed, sum(len(c) for c in candidates), session_id)
+            with _naming("candidates"):
+                values = _numpy(entry.session.score(candidates))
+            self._grow(session_id, entry, committed + sum(len(c) for c in candidates))
         return values
 
     def advance(self, session_id: str, tokens: list[int]) -> np.ndarray:
         entry = self._use(session_id)
         with entry.lock:
-            values = _numpy(entry.session.advance(tokens))
+            self._check_cap("tokens", int(entry.session.tokens.shape[-1]), len(tokens), session_id)
+            with _naming("tokens"):
+                values = _numpy(entry.session.advance(tokens))
             self._grow(session_id, entry, int(entry.session.tokens.shape[-1]))
         return values
 
@@ -91,6 +116,16 @@ class SessionStore:
         with self._lock:
             self._expire(None)
             return {"sessions": len(self._live), "bytes": self._bytes(), "evictions": self.evictions}
+
+    def _check_cap(self, field: str, committed: int, new: int, session_id: str | None = None) -> None:
+        """Refuse, before anything runs, a call whose tokens cannot fit under the cap even with the session alone."""
+        tokens = committed + new
+        if tokens * self.token_bytes <= self.memory_bytes:
+            return
+        held = f"session {session_id} holds {committed} tokens (kept as it was); " if session_id else ""
+        raise SessionRefused(413, field, f"{field}: {held}{new} more tokens make {tokens}, which need "
+                                         f"{_mb(tokens * self.token_bytes)} of KV cache, over --session-memory-mb "
+                                         f"{self.memory_bytes / (1 << 20):g}")
 
     # --- bookkeeping, under the lock ---
     def _use(self, session_id: str) -> _Entry:
@@ -144,7 +179,21 @@ class SessionStore:
         reason = self._gone.get(session_id)
         if reason is not None:
             raise SessionGone(f"session {session_id} is gone: {reason}")
+        issued = SESSION_ID.fullmatch(session_id)
+        if issued and issued.group(1) != self.instance:
+            raise SessionGone(f"session {session_id} is gone: it was issued by an earlier run of the server "
+                              f"(instance {issued.group(1)}; this one is {self.instance}), its KV cache lost in "
+                              "the restart")
         raise SessionNotFound(f"session {session_id} does not exist")
+
+
+@contextlib.contextmanager
+def _naming(field: str):
+    """The model's refusals of the input (positions past the model's limit) as a 400 naming FIELD."""
+    try:
+        yield
+    except InputError as exc:
+        raise SessionRefused(400, field, f"{field}: {' '.join(str(exc).split())}") from None
 
 
 def kv_bytes_per_token(model) -> int:
