@@ -3,7 +3,13 @@
     input (JSONL/Parquet, a file or a folder) ─► inputs.py: index once, read window by window
         ─► engine: local.py (one process) or ray.py (Ray Data + an actor pool)
             each window: rows.py (validate, render, tokenize) ─► scorer.py (token-budget batches, values)
-        ─► commit.py (--strict) ─► sink.py: part-{start}-{stop}.parquet, errors.jsonl, run.json, summary.json
+        ─► commit.py (input unchanged? --strict) ─► sink.py: part-{start}-{stop}.parquet, errors.jsonl, run.json
+        ─► the whole input checked once more ─► summary.json
+
+The input is checked three times: every window's bytes against the hashes taken when it was indexed, as they
+are read (inputs.py); its file's size, mtime and inode before its part commits (commit.py); and the folder's
+file list and every file again before summary.json says the run is complete. A change is one line naming the
+file (exit code 2), with the parts committed before it kept for --resume.
 """
 
 from __future__ import annotations
@@ -39,12 +45,13 @@ def score(model: str | Path, input: str | Path, output: str | Path, *, per_token
     lie inside INPUT or MODEL; ``force`` replaces only a previous score output or an empty folder. A run that
     fails before its first part leaves OUTPUT as it was.
     """
-    from vexport.scoring.inputs import index_input
+    from vexport.scoring.inputs import check_input_unchanged, find_input_files, index_input
     from vexport.scoring.job import describe_model, resolve_max_length, run_state, summary
     from vexport.scoring.scorer import ScorerOptions
     from vexport.scoring.sink import OutputFolder
 
     _check_arguments(engine, batch_tokens, workers, threads, ray_address, padding_side, input, output, model)
+    find_input_files(Path(input).expanduser().absolute())  # a missing input or a FIFO: before the model is hashed
     info = describe_model(model, allow_pickle=allow_pickle)
     options = ScorerOptions(resolve_max_length(max_length, info), batch_tokens, per_token, append_eos, padding_side,
                             fixed_batch_rows)
@@ -58,6 +65,7 @@ def score(model: str | Path, input: str | Path, output: str | Path, *, per_token
             with _engine(engine, ray_address, workers, device, threads) as runner:
                 run = _score_pending(runner, folder, info, plan, pending, options, strict, progress)
         else:
+            check_input_unchanged(plan)  # the parts (all from earlier runs) are of the input indexed above
             run = {"engine": engine, "workers": None, "rows": 0, "tokens": 0, "seconds": 0.0}
         folder.start()  # a run with nothing to score still leaves a complete output
     except BaseException:
@@ -70,14 +78,17 @@ def score(model: str | Path, input: str | Path, output: str | Path, *, per_token
 
 
 def _score_pending(runner, folder, info, plan, pending, options, strict: bool, progress: bool) -> dict:
-    """Score the windows that have no part yet; this run's counts and timing."""
+    """Score the windows that have no part yet, then check the whole input once more (before the progress bar
+    ends, so that a change is one line, not a finished bar); this run's counts and timing."""
     from vexport.scoring.commit import WindowCommitter
+    from vexport.scoring.inputs import check_input_unchanged
     from vexport.scoring.progress import score_progress
 
     start = time.perf_counter()
     with score_progress(sum(w.rows for w in pending), progress) as advance:
         commit = WindowCommitter(folder, plan, strict, advance)
         run = runner.run(info, plan, pending, options, commit)
+        check_input_unchanged(plan)  # every part (this run's and earlier ones) is of the input indexed at the start
     return {**run, "rows": commit.rows, "tokens": commit.tokens, "seconds": time.perf_counter() - start}
 
 

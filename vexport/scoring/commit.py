@@ -1,11 +1,12 @@
-"""Where both engines hand over a scored window: the --strict check, the part commit, the progress count."""
+"""Where both engines hand over a scored window: the input check, the --strict check, the part commit, the
+progress count."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from vexport.errors import VexportError
-from vexport.scoring.inputs import InputPlan, Window
+from vexport.scoring.inputs import InputPlan, Window, check_unchanged
 from vexport.scoring.scorer import OUTSIDE_VOCABULARY
 from vexport.scoring.sink import OutputFolder
 
@@ -18,6 +19,7 @@ class WindowCommitter:
         self.rows = self.tokens = 0
 
     def __call__(self, window: Window, table) -> None:
+        check_unchanged(self.plan.files[window.file])  # an edit, truncation or replacement since indexing stops here
         self._check_vocabulary(window, table)
         if self.strict:
             self._check_strict(window, table)

@@ -94,9 +94,10 @@ class RayEngine:
             for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for window, table in buffer.add(block):
                     commit(window, table)
-        except VexportError:
-            raise
-        except Exception as exc:  # Ray wraps what a worker raised: bad input or a worker that cannot start
+        except Exception as exc:  # Ray wraps what a worker or a read task raised (bad input, a changed input
+            # file, a worker that cannot start); the driver's own VexportError (a commit check) passes as it is
+            if isinstance(exc, VexportError) and not isinstance(exc, ray.exceptions.RayError):
+                raise
             raise _as_vexport_error(exc) from None
 
 
@@ -133,19 +134,29 @@ def _check_reachable(address: str, flag: str) -> None:
                            "s); is a Ray head running there (ray start --head)?") from None
 
 
+_QUIET_LOGGERS = {"ray.data._internal.progress": logging.ERROR,  # "Progress bars disabled": we disabled them
+                  "ray.data._internal.execution.streaming_executor": logging.WARNING}  # "execution finished in"
+
+
 @contextlib.contextmanager
 def _quiet_data_context() -> Iterator[None]:
-    """Ray Data's own progress bars and start-of-run lines off while vexport's bar runs (restored after)."""
+    """Ray Data's own progress bars, start-of-run and end-of-run lines off while vexport's bar runs (restored
+    after), so that an error is one line."""
     context = ray.data.DataContext.get_current()
     names = [n for n in ("enable_progress_bars", "print_on_execution_start") if hasattr(context, n)]
     saved = {n: getattr(context, n) for n in names}
+    levels = {name: logging.getLogger(name).level for name in _QUIET_LOGGERS}
     for name in names:
         setattr(context, name, False)
+    for name, level in _QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
     try:
         yield
     finally:
         for name, value in saved.items():
             setattr(context, name, value)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def actor_resources(workers: int | None, device: str | None, threads: int | None) -> tuple[int, dict, str, int]:
@@ -184,13 +195,13 @@ def _as_vexport_error(exc: Exception) -> Exception:
         seen.add(id(exc))
         chain.append(exc)
         exc = getattr(exc, "cause", None) or exc.__cause__
-    for link in chain:
-        if isinstance(link, VexportError):
+    for link in chain:  # Ray's RayTaskError(InputChangedError) is a VexportError too, but its text is a traceback
+        if isinstance(link, VexportError) and not isinstance(link, ray.exceptions.RayError):
             return VexportError(str(link))
     died = next((link for link in chain if isinstance(link, ray.exceptions.RayActorError)), None)
     for link in chain:
         raised = worker_exception(str(link))
-        if raised and raised[0].startswith("vexport.errors."):
+        if raised and raised[0].startswith(("vexport.errors.", "vexport.scoring.inputs.")):
             return VexportError(raised[1])
         if raised and died is not None:
             return VexportError(f"a Ray worker could not start: {raised[0].rpartition('.')[2]}: {raised[1]}")
