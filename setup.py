@@ -16,7 +16,10 @@ KERNELS = Path(__file__).parent / "kernels"
 class BuildWithKernels(build_py):
     def run(self):
         super().run()
+        if self.editable_mode:  # an editable install reaches kernels/ through vexport.kernels.__path__
+            return
         target = Path(self.build_lib, "vexport", "kernels")
+        self.mkpath(str(target))
         for module in sorted(KERNELS.glob("*.py")):
             self.copy_file(str(module), str(target / module.name))
 
