@@ -31,7 +31,7 @@ CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "conte
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
     process = ServerProcess(tiny_model_dir, "--max-length", str(MAX_LENGTH), "--reward-max-len", "16",
-                            "--reward-overlong", "refuse")
+                            "--reward-overlong", "refuse", "--max-body-mb", "1")
     process.wait_ready()
     yield process
     process.stop()
@@ -183,6 +183,18 @@ def test_fields_it_cannot_honour_are_refused_by_name_with_vllms_error_body(http)
     assert malformed.status_code == 400 and malformed.json()["error"]["param"] == "body"
     own = http.post("/v1/values", json={"texts": [1]})  # vexport's own endpoints keep their 422 and 'field'
     assert own.status_code == 422 and own.json()["error"]["field"] == "texts[0]"
+
+
+def test_the_gates_refusals_answer_in_vllms_body_on_the_vllm_endpoints(http):
+    """The body cap is checked before any endpoint runs: on /pooling and /classify its 413 is still vLLM's body."""
+    big = {"input": "word " * (300 << 10)}  # 1.5 MB, over --max-body-mb 1
+    for path in ("/pooling", "/classify"):
+        error = http.post(path, json=big).json()["error"]
+        assert (error["code"], error["param"], "field" in error) == (413, "body", False), (path, error)
+        assert "--max-body-mb" in error["message"]
+    own = http.post("/v1/values", json={"texts": [big["input"]]})
+    assert own.status_code == 413 and own.json()["error"]["field"] == "body"
+    assert http.post("/pooling", json={"input": "ok"}).status_code == 200
 
 
 def test_reward_overlong_refuse_keeps_the_400(http, model):

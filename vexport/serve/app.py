@@ -26,6 +26,7 @@ from vexport.errors import VexportError
 from vexport.serve.auth import KeyCheck
 from vexport.serve.batcher import QueueFull
 from vexport.serve.engine import EngineUnavailable
+from vexport.serve import vllm
 from vexport.serve.metrics import Metrics
 from vexport.serve.routes import Api, overloaded
 from vexport.serve.schemas import (AdvanceRequest, ClassifyRequest, GroupRequest, PoolingRequest, RequestError,
@@ -211,7 +212,7 @@ class _Gate:
             if refusal is None:
                 replay, refusal = await self._body(receive)
             if refusal is not None:
-                response = _as_json(refusal)
+                response = vllm.error_response(refusal) if scope["path"] in vllm.PATHS else _as_json(refusal)
                 response.headers["Connection"] = "close"  # the rest of the body is never read
                 await response(scope, receive, tracked_send)
             elif replay is not None:

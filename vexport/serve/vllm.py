@@ -45,6 +45,9 @@ ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServe
                503: "ServiceUnavailableError"}
 
 
+PATHS = ("/pooling", "/classify")  # answered in vLLM's error body, refusals of the ASGI gate (key, body cap) too
+
+
 def error_response(error: RequestError) -> JSONResponse:
     """vLLM's ``ErrorResponse``: the field at fault is ``param``; every string one encodable line (app.py)."""
     from vexport.serve.app import _encodable  # app.py imports this module through routes.py
