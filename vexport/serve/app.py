@@ -30,12 +30,11 @@ from vexport.serve import vllm
 from vexport.serve.metrics import Metrics
 from vexport.serve.routes import Api, overloaded
 from vexport.serve.schemas import (AdvanceRequest, ClassifyRequest, GroupRequest, PoolingRequest, RequestError,
-                                   RewardRequest, ScoreRequest, SessionRequest, ValuesRequest)
+                                   RewardRequest, ScoreRequest, SessionRequest, ValuesRequest, encodable)
 from vexport.serve.sessions import SessionGone, SessionNotFound, SessionRefused
 
 log = logging.getLogger(__name__)
 
-_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)}
 
 
 def create_app(engine, encoder, options, metrics: Metrics | None = None) -> FastAPI:
@@ -144,19 +143,7 @@ def _errors(app: FastAPI) -> None:
 
 
 def _as_json(error: RequestError) -> JSONResponse:
-    return JSONResponse(_encodable(error.body()), status_code=error.status, headers=error.headers)
-
-
-def _encodable(value):
-    """VALUE with every string one encodable line: a lone surrogate becomes the text ``\\ud800``, a control
-    character (a newline, a NUL) ``\\x0a``."""
-    if isinstance(value, str):
-        return value.translate(_CONTROLS).encode("utf-8", "backslashreplace").decode("utf-8")
-    if isinstance(value, dict):
-        return {_encodable(k): _encodable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_encodable(v) for v in value]
-    return value
+    return JSONResponse(encodable(error.body()), status_code=error.status, headers=error.headers)
 
 
 def _validation_error(errors) -> RequestError:

@@ -16,6 +16,21 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 TokenIds = list[int]
 
 
+_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)}
+
+
+def encodable(value):
+    """VALUE with every string one encodable line: a lone surrogate becomes the text ``\\ud800``, a control
+    character (a newline, a NUL) ``\\x0a``."""
+    if isinstance(value, str):
+        return value.translate(_CONTROLS).encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {encodable(k): encodable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encodable(v) for v in value]
+    return value
+
+
 class RequestError(Exception):
     """A request the server refuses: HTTP STATUS, the FIELD at fault (``texts[2]``), and a one-line message."""
 

@@ -34,7 +34,7 @@ from pydantic import ValidationError
 
 from vexport.serve.batcher import QueueFull
 from vexport.serve.engine import EngineUnavailable
-from vexport.serve.schemas import ClassifyRequest, PoolingRequest, RequestError
+from vexport.serve.schemas import ClassifyRequest, PoolingRequest, RequestError, encodable
 
 POOLING_TASKS = ("token_classify", "classify")
 REMOVED = {"normalize": "Parameter `normalize` was removed; use `use_activation` instead."}
@@ -49,12 +49,10 @@ PATHS = ("/pooling", "/classify")  # answered in vLLM's error body, refusals of 
 
 
 def error_response(error: RequestError) -> JSONResponse:
-    """vLLM's ``ErrorResponse``: the field at fault is ``param``; every string one encodable line (app.py)."""
-    from vexport.serve.app import _encodable  # app.py imports this module through routes.py
-
+    """vLLM's ``ErrorResponse``: the field at fault is ``param``; every string one encodable line (schemas.py)."""
     kind = ERROR_TYPES.get(error.status) or HTTPStatus(error.status).phrase.replace(" ", "")
     body = {"error": {"message": error.message, "type": kind, "param": error.field, "code": error.status}}
-    return JSONResponse(_encodable(body), status_code=error.status, headers=error.headers)
+    return JSONResponse(encodable(body), status_code=error.status, headers=error.headers)
 
 
 class VllmEndpoints:
