@@ -23,6 +23,7 @@ LAYERS: dict[str, list[str]] = {
         "vexport.export.tensorrt_chain",  # TensorRT-bound ONNX -> check -> engine
         "vexport.serve",  # serve: the HTTP server over load
         "vexport.client",  # the HTTP client of serve
+        "vexport.decoding.generate_file",  # generate: the searches over load, JSONL in and out
     ],
     "stages": ["vexport.export.", "vexport.quant", "vexport.decoding", "vexport.report", "vexport.parity",
                "vexport.evalset", "vexport.calibration", "vexport.tiny", "vexport.trained"],
@@ -31,7 +32,8 @@ LAYERS: dict[str, list[str]] = {
     "core": ["vexport.errors", "vexport.safety", "vexport.paths", "vexport.progress", "vexport.jsonl",
              "vexport.manifest", "vexport.model", "vexport.tensors",
              "vexport.artifact", "vexport.quant.types", "vexport.quant.pack",
-             "vexport.quant.checkpoint", "vexport.quant.reference"],
+             "vexport.quant.checkpoint", "vexport.quant.reference",
+             "vexport.quant.dynamic"],  # GPTQModel's per-module `dynamic` rules: part of the checkpoint format
 }
 RANK = {prefix: len(LAYERS) - i for i, names in enumerate(LAYERS.values()) for prefix in names}
 
