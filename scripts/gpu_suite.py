@@ -65,6 +65,8 @@ EXCLUDED = {
     "scripts/bench_onnx_cpu.py": "its --cuda comparison needs onnxruntime-gpu; the image has the CPU build only",
     "scripts/bench_quant_memory.py": "host memory (RSS) of GPTQ export; the gptq_layers step measures GPTQ on "
                                      "CUDA itself (seconds per layer, peak GPU memory)",
+    "scripts/bench_mcts.py": "needs the reference ppo_mcts.py in its own transformers 4.41 venv, which the image "
+                             "lacks; 'cuda' there is only the shim that runs the reference's CUDA tensors on CPU",
 }
 SMOL_SHAPE = {"hidden_size": 576, "num_layers": 30, "num_heads": 9, "num_kv_heads": 3, "intermediate_size": 1536,
               "max_position_embeddings": 2048}  # SmolLM2-135M's shape (the trained weights cannot be carried)
