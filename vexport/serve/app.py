@@ -1,6 +1,7 @@
 """The FastAPI app: routes (routes.py), errors as JSON naming the field, API key, metrics, lifecycle.
 
-Every refusal answers ``{"error": {"message", "type", "field", "code"}}``: malformed JSON 400, a wrong field
+Every refusal answers ``{"error": {"message", "type", "field", "code"}}`` (on vLLM's ``/pooling`` and ``/classify``,
+vLLM's body with ``param``: ``_as_json``): malformed JSON 400, a wrong field
 type or a missing field 422, content the model cannot take (too long, outside the vocabulary, empty) 400, a
 body over ``--max-body-mb`` or a request over a limit (admission.py) 413, a full queue 429 with
 ``Retry-After``, an unknown session 404, an evicted one or one lost in a restart 410, an engine replica lost
@@ -94,55 +95,60 @@ def _routes(app: FastAPI, api: Api, engine, options, metrics: Metrics) -> None:
 def _errors(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def refused(request, exc: RequestError):
-        return _as_json(exc)
+        return _as_json(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
-        return _as_json(_validation_error(exc.errors()))
+        return _as_json(_validation_error(exc.errors()), request.url.path)
 
     @app.exception_handler(QueueFull)
     async def full(request, exc: QueueFull):
-        return _as_json(overloaded(exc))
+        return _as_json(overloaded(exc), request.url.path)
 
     @app.exception_handler(SessionGone)
     async def gone(request, exc: SessionGone):
-        return _as_json(RequestError(410, "session_id", str(exc)))
+        return _as_json(RequestError(410, "session_id", str(exc)), request.url.path)
 
     @app.exception_handler(SessionRefused)
     async def session_refused(request, exc: SessionRefused):
-        return _as_json(RequestError(exc.status, exc.field, exc.message))
+        return _as_json(RequestError(exc.status, exc.field, exc.message), request.url.path)
 
     @app.exception_handler(SessionNotFound)
     async def missing(request, exc: SessionNotFound):
-        return _as_json(RequestError(404, "session_id", str(exc)))
+        return _as_json(RequestError(404, "session_id", str(exc)), request.url.path)
 
     @app.exception_handler(EngineUnavailable)
     async def unavailable(request, exc: EngineUnavailable):
-        return _as_json(RequestError(503, None, str(exc), {"Retry-After": "1"}))
+        return _as_json(RequestError(503, None, str(exc), {"Retry-After": "1"}), request.url.path)
 
     @app.exception_handler(VexportError)
     async def bad_input(request, exc: VexportError):
         message = " ".join(str(exc).split())
         field = message.split(":", 1)[0] if ":" in message and " " not in message.split(":", 1)[0] else None
-        return _as_json(RequestError(400, field, message))
+        return _as_json(RequestError(400, field, message), request.url.path)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
         if exc.status_code in (404, 405):  # routing: no endpoint here, or not with this method
             message = f"path {request.url.path}: {exc.detail} for {request.method}"
-            return _as_json(RequestError(exc.status_code, "path", message, dict(exc.headers or {})))
+            return _as_json(RequestError(exc.status_code, "path", message, dict(exc.headers or {})),
+                            request.url.path)
         if exc.status_code == 400:  # FastAPI could not read the body (not UTF-8, say)
             message = f"body: {exc.detail} (a request body is one JSON object, UTF-8)"
-            return _as_json(RequestError(400, "body", message, dict(exc.headers or {})))
-        return _as_json(RequestError(exc.status_code, None, str(exc.detail), dict(exc.headers or {})))
+            return _as_json(RequestError(400, "body", message, dict(exc.headers or {})), request.url.path)
+        return _as_json(RequestError(exc.status_code, None, str(exc.detail), dict(exc.headers or {})),
+                        request.url.path)
 
     @app.exception_handler(Exception)
     async def failed(request, exc: Exception):
         log.exception("request to %s failed", request.url.path)
-        return _as_json(RequestError(500, None, f"internal error: {type(exc).__name__}"))
+        return _as_json(RequestError(500, None, f"internal error: {type(exc).__name__}"), request.url.path)
 
 
-def _as_json(error: RequestError) -> JSONResponse:
+def _as_json(error: RequestError, path: str | None = None) -> JSONResponse:
+    """ERROR as the body of PATH's protocol: vLLM's on its endpoints (vllm.py), vexport's elsewhere."""
+    if path in vllm.PATHS:
+        return vllm.error_response(error)
     return JSONResponse(encodable(error.body()), status_code=error.status, headers=error.headers)
 
 
@@ -199,7 +205,7 @@ class _Gate:
             if refusal is None:
                 replay, refusal = await self._body(receive)
             if refusal is not None:
-                response = vllm.error_response(refusal) if scope["path"] in vllm.PATHS else _as_json(refusal)
+                response = _as_json(refusal, scope["path"])
                 response.headers["Connection"] = "close"  # the rest of the body is never read
                 await response(scope, receive, tracked_send)
             elif replay is not None:

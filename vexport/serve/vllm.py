@@ -32,8 +32,6 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from vexport.serve.batcher import QueueFull
-from vexport.serve.engine import EngineUnavailable
 from vexport.serve.schemas import ClassifyRequest, PoolingRequest, RequestError, encodable
 
 POOLING_TASKS = ("token_classify", "classify")
@@ -45,7 +43,7 @@ ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServe
                503: "ServiceUnavailableError"}
 
 
-PATHS = ("/pooling", "/classify")  # answered in vLLM's error body, refusals of the ASGI gate (key, body cap) too
+PATHS = ("/pooling", "/classify")  # every refusal on these answers vLLM's error body (app._as_json)
 
 
 def error_response(error: RequestError) -> JSONResponse:
@@ -68,17 +66,10 @@ class VllmEndpoints:
         return await self._answer(request, ClassifyRequest, "classify")
 
     async def _answer(self, request: Request, schema, kind: str):
-        try:
-            body = parse(await request.body(), schema)
-            self._refuse_unsupported(body)
-            sequences = await self.api.tokenize(self.inputs, body)
-            rows = await self.api.score(request, "input" if body.input is not None else "messages", sequences)
-        except RequestError as error:
-            return error_response(error)
-        except QueueFull as exc:
-            return error_response(RequestError(429, None, str(exc), {"Retry-After": str(exc.retry_after)}))
-        except EngineUnavailable as exc:
-            return error_response(RequestError(503, None, str(exc), {"Retry-After": "1"}))
+        body = parse(await request.body(), schema)  # a refusal is answered in vLLM's body (app._as_json)
+        self._refuse_unsupported(body)
+        sequences = await self.api.tokenize(self.inputs, body)
+        rows = await self.api.score(request, "input" if body.input is not None else "messages", sequences)
         request_id = request.headers.get("x-request-id") or body.request_id or uuid.uuid4().hex
         envelope = {"id": f"{kind}-{request_id}", "object": "list", "created": int(time.time()),
                     "model": self.api.options.model_name}
